@@ -1,0 +1,225 @@
+"""Typed schema of the ``data`` config group and its validation.
+
+Every field is documented where it is declared. ``validate`` raises ``DataConfigError`` whose message names
+the offending field (``data.<field>``), its value and what was expected. The same error type reports data
+that cannot be found at build time (a missing file, dataset, split, text column or tokenizer), so a caller
+catches one exception for "the data section of the config is wrong".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+SOURCES = ("stdlib", "hf")
+TEXT_SAMPLE_BY = ("document", "paragraph", "line")
+
+# File extension -> datasets builder. Compression suffixes are stripped first (datasets decompresses them).
+BUILDER_BY_EXTENSION = {
+    ".txt": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".ndjson": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
+
+# Fields that do not change which samples the loader produces (only where or how fast they are computed);
+# they are left out of the resume fingerprint so a resumed run may change them.
+NON_STREAM_FIELDS = ("num_workers", "cache_dir")
+
+
+class DataConfigError(ValueError):
+    """A data config field has an impossible value or names data that cannot be found; the message names it."""
+
+
+@dataclass
+class DataConfig:
+    # --- where documents come from ------------------------------------------------------------------
+    source: str = "stdlib"  # stdlib: the running interpreter's standard-library *.py files | hf: datasets.load_dataset
+    # hf only: a hub dataset name ("roneneldan/TinyStories"), a builder name used with hf_data_files ("json"),
+    # a local dataset directory, or a single local data file (its builder is inferred from the extension).
+    hf_dataset: Optional[str] = None
+    hf_config: Optional[str] = None  # hf only: dataset config name (load_dataset's `name`), e.g. "wikitext-103-raw-v1"
+    # hf only: str | list[str] | {split: str | list[str]} of local paths / globs / URLs. Without hf_dataset the
+    # builder is inferred from the extension: .txt/.text -> text, .json/.jsonl/.ndjson -> json, .parquet, .csv.
+    # A str or list becomes the split "train".
+    hf_data_files: Any = None
+    hf_text_sample_by: str = "document"  # hf text builder only: one document per file | paragraph | line
+    split: str = "train"  # hf only: split the training documents come from
+    # hf only: split used for validation; null holds out `validation_fraction` of `split` instead, chosen by a
+    # hash of each document's text (so the held-out set does not depend on order, shuffling or sharding).
+    validation_split: Optional[str] = None
+    text_field: str = "text"  # hf only: column holding the document text
+    streaming: bool = False  # hf only: iterate the dataset lazily (IterableDataset) instead of tokenizing it up front
+    shuffle_buffer_size: int = 10_000  # hf streaming only: documents in the shuffle buffer of each epoch
+
+    # --- tokenization and packing ---------------------------------------------------------------------
+    # "byte" (UTF-8 bytes, vocab 258, nothing to download) | a Hugging Face tokenizer: a local directory or a
+    # hub name already in the local cache (set HF_HUB_OFFLINE=1 to never touch the network).
+    tokenizer: str = "byte"
+    seq_len: int = 512  # tokens per training row; rows are packed windows of seq_len + 1 tokens (inputs + 1 label)
+
+    # --- splitting, limits, plumbing ------------------------------------------------------------------
+    # Fraction of documents held out for validation: stdlib files chosen by a hash of their relative path;
+    # hf documents by a hash of their text when validation_split is null. 0 means no validation data.
+    validation_fraction: float = 0.05
+    max_documents: Optional[int] = None  # cap on documents per part (train / validation), in source order; for tests
+    num_workers: int = 0  # hf non-streaming: processes tokenizing the dataset (datasets num_proc); 0 = this process
+    # Where to keep caches: hf datasets' cache_dir, and tokenized stdlib arrays (tokens-*.npy). null: datasets'
+    # default cache and no token cache. Hugging Face tokenizers always use the hub cache (HF_HOME).
+    cache_dir: Optional[str] = None
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, cfg: Any) -> "DataConfig":
+        """Build from a DictConfig, a dict or a DataConfig; unknown keys are an error naming the key."""
+        if isinstance(cfg, DataConfig):
+            out = dataclasses.replace(cfg)
+        else:
+            mapping = _to_plain(cfg)
+            if not isinstance(mapping, dict):
+                raise DataConfigError(f"data config must be a mapping or DataConfig, got {type(cfg).__name__}")
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(mapping) - known)
+            if unknown:
+                raise DataConfigError(
+                    f"data.{unknown[0]}: unknown data config key (known keys: {', '.join(sorted(known))})"
+                )
+            out = cls(**mapping)
+        out.hf_data_files = _to_plain(out.hf_data_files)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise ``DataConfigError`` naming the first field with an impossible value."""
+
+        def need(cond: bool, name: str, expected: str) -> None:
+            if not cond:
+                raise DataConfigError(f"data.{name}={getattr(self, name)!r}: expected {expected}")
+
+        self.hf_data_files = _to_plain(self.hf_data_files)
+        need(self.source in SOURCES, "source", f"one of {SOURCES}")
+        need(isinstance(self.tokenizer, str) and self.tokenizer.strip() != "", "tokenizer",
+             "'byte', a local tokenizer directory or a Hugging Face hub name")
+        need(_is_int(self.seq_len) and self.seq_len >= 1, "seq_len", "a positive integer")
+        need(
+            isinstance(self.validation_fraction, (int, float)) and 0.0 <= self.validation_fraction < 1.0,
+            "validation_fraction",
+            "a fraction in [0, 1)",
+        )
+        need(
+            self.max_documents is None or (_is_int(self.max_documents) and self.max_documents >= 1),
+            "max_documents",
+            "null (no cap) or a positive integer",
+        )
+        need(_is_int(self.num_workers) and self.num_workers >= 0, "num_workers", "an integer >= 0")
+        need(
+            _is_int(self.shuffle_buffer_size) and self.shuffle_buffer_size >= 1,
+            "shuffle_buffer_size",
+            "a positive integer",
+        )
+        need(isinstance(self.streaming, bool), "streaming", "true or false")
+        if self.source != "hf":
+            return
+        need(
+            self.hf_dataset is not None or self.hf_data_files is not None,
+            "hf_dataset",
+            "a hub dataset name or local path (or set data.hf_data_files) when data.source='hf'",
+        )
+        need(self.hf_dataset is None or (isinstance(self.hf_dataset, str) and self.hf_dataset != ""),
+             "hf_dataset", "null or a non-empty string")
+        need(isinstance(self.split, str) and self.split != "", "split", "a non-empty split name")
+        need(
+            self.validation_split is None or (isinstance(self.validation_split, str) and self.validation_split != ""),
+            "validation_split",
+            "null (hold out data.validation_fraction) or a split name",
+        )
+        need(self.validation_split != self.split, "validation_split", f"a split other than data.split={self.split!r}")
+        need(isinstance(self.text_field, str) and self.text_field != "", "text_field", "a non-empty column name")
+        need(self.hf_text_sample_by in TEXT_SAMPLE_BY, "hf_text_sample_by", f"one of {TEXT_SAMPLE_BY}")
+        if self.hf_data_files is not None:
+            files = self.hf_data_files
+            if isinstance(files, dict):
+                need(len(files) > 0 and all(isinstance(k, str) for k in files), "hf_data_files",
+                     "a non-empty {split: files} mapping")
+                groups = list(files.values())
+            else:
+                groups = [files]
+            for group in groups:
+                is_path_list = isinstance(group, list) and len(group) > 0 and all(isinstance(f, str) for f in group)
+                need(
+                    isinstance(group, str) or is_path_list,
+                    "hf_data_files",
+                    "a path, a non-empty list of paths, or a {split: path(s)} mapping",
+                )
+            if self.hf_dataset is None:
+                builders = {infer_builder(f) for f in flatten_data_files(files)}
+                need(
+                    None not in builders,
+                    "hf_data_files",
+                    f"files ending in one of {sorted(BUILDER_BY_EXTENSION)} (optionally compressed), "
+                    "or set data.hf_dataset to the builder name (e.g. 'json')",
+                )
+                need(len(builders) == 1, "hf_data_files", f"files of one format, got {sorted(map(str, builders))}")
+
+    def stream_fields(self) -> dict:
+        """The fields that decide the sample stream: caches, worker counts and fields the chosen source
+        ignores are left out, so changing them does not invalidate a resume."""
+        out = dataclasses.asdict(self)
+        ignored = list(NON_STREAM_FIELDS)
+        if self.source == "stdlib":
+            ignored += [f for f in out if f.startswith("hf_")]
+            ignored += ["split", "validation_split", "text_field", "streaming"]
+        if not (self.source == "hf" and self.streaming):
+            ignored.append("shuffle_buffer_size")
+        for name in ignored:
+            out.pop(name, None)
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def infer_builder(path: str) -> Optional[str]:
+    """datasets builder for a data file from its extension (compression suffix ignored), or None."""
+    name = path.lower()
+    for suffix in COMPRESSION_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return BUILDER_BY_EXTENSION.get(os.path.splitext(name)[1])
+
+
+def flatten_data_files(files: Any) -> list[str]:
+    """All paths of a data_files value (str, list or {split: str | list})."""
+    if files is None:
+        return []
+    if isinstance(files, str):
+        return [files]
+    if isinstance(files, dict):
+        return [f for group in files.values() for f in flatten_data_files(group)]
+    return list(files)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _to_plain(value: Any) -> Any:
+    """OmegaConf containers -> plain dict / list (anything else unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
+        return value
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping) and not isinstance(value, dict):
+        return dict(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value

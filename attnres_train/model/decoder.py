@@ -1,0 +1,189 @@
+"""The hybrid decoder: a per-layer list of slots (sequence mixer, MLP, residual strategy) built from data.
+
+``ModelConfig.layer_kinds()`` / ``mlp_kinds()`` give the per-layer plan; ``LayerSpec`` records it, and
+``DecoderLayer`` fills its two sublayer slots from it. Nothing in the forward pass branches on the mixer type.
+
+Shape legend: B batch, T tokens, D hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .attnres import AttnResQuery, attnres_forward_flops_per_token, build_residual_strategy
+from .config import ModelConfig
+from .norms import GatedRMSNorm, RMSNorm
+from .packing import DocumentLayout
+from .slots import build_mlp, build_sequence_mixer
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    index: int
+    mixer: str  # kda | gdn | mla | gqa
+    mlp: str  # moe | dense
+
+    @property
+    def is_full_attention(self) -> bool:
+        return self.mixer in ("mla", "gqa")
+
+
+def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
+    """The stack as data: one spec per decoder layer."""
+    mixer_of = {"L": cfg.linear_mixer, "F": cfg.full_mixer}
+    return [
+        LayerSpec(index=i, mixer=mixer_of[kind], mlp=mlp)
+        for i, (kind, mlp) in enumerate(zip(cfg.layer_kinds(), cfg.mlp_kinds()))
+    ]
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [B, T, V]
+    aux_loss: torch.Tensor  # scalar; zero when no auxiliary loss is active
+    # Diagnostics (only with return_diagnostics=True):
+    depth_weights: Optional[list[torch.Tensor]] = None  # per AttnRes mix, mean softmax weight per source [N]
+    sublayer_input_rms: Optional[torch.Tensor] = None  # [2 * num_layers] RMS of each sublayer's input
+
+
+class DecoderLayer(nn.Module):
+    """Two sublayers: ``mixer`` (sequence mixing) and ``mlp``, each with its pre-norm and, under AttnRes, its
+    own pseudo-query."""
+
+    def __init__(self, spec: LayerSpec, cfg: ModelConfig):
+        super().__init__()
+        self.spec = spec
+        self.mixer_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mixer = build_sequence_mixer(spec.mixer, cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = build_mlp(spec.mlp, cfg)
+        if cfg.residual != "standard":
+            self.mixer_attnres = AttnResQuery(cfg.hidden_size, cfg.norm_eps)
+            self.mlp_attnres = AttnResQuery(cfg.hidden_size, cfg.norm_eps)
+        else:
+            self.mixer_attnres = None
+            self.mlp_attnres = None
+
+    def mixer_sublayer(self, h_BTD: torch.Tensor, layout: Optional[DocumentLayout]) -> torch.Tensor:
+        return self.mixer(self.mixer_norm(h_BTD), layout)
+
+    def mlp_sublayer(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.mlp(self.mlp_norm(h_BTD))
+
+    def forward(self, stream, residual, layout: Optional[DocumentLayout], aux_losses: list) -> None:
+        h_BTD = residual.sublayer_input(stream, self.mixer_attnres)
+        residual.add_output(stream, self.mixer_sublayer(h_BTD, layout))
+        h_BTD = residual.sublayer_input(stream, self.mlp_attnres)
+        out_BTD, aux_loss = self.mlp_sublayer(h_BTD)
+        residual.add_output(stream, out_BTD)
+        if aux_loss is not None:
+            aux_losses.append(aux_loss)
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return self.mixer.forward_flops_per_token(seq_len) + self.mlp.forward_flops_per_token(seq_len)
+
+
+class HybridDecoder(nn.Module):
+    """Kimi-Linear / Qwen3-Next style decoder.
+
+    ``forward(input_ids, doc_ids=None)`` -> ``DecoderOutput(logits, aux_loss, ...)``. ``doc_ids`` ([B, T]) marks
+    the documents packed into each row; no token attends to or carries state from another document.
+
+    Accounting (see ``attnres_train.model.accounting`` for the definitions):
+      ``num_parameters()``, ``num_active_parameters()``, ``flops_per_token(seq_len, training=True)``.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.specs = layer_specs(cfg)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec, cfg) for spec in self.specs)
+        self.final_attnres = AttnResQuery(cfg.hidden_size, cfg.norm_eps) if cfg.residual != "standard" else None
+        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.residual = build_residual_strategy(cfg.residual, cfg.attnres_block_size, cfg.norm_eps)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every weight: linear and embedding weights normal(0, init_std), biases zero, norms one,
+        AttnRes queries zero, MoE experts through their own ``reset_parameters(std)``. Module-specific
+        parameters (the gates' A_log / dt_bias, short-conv kernels) keep the init their module gave them."""
+        from .moe import MoE
+
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (RMSNorm, GatedRMSNorm, AttnResQuery)):
+                module.reset_parameters()
+            elif isinstance(module, MoE):
+                module.reset_parameters(std)
+
+    # ------------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        doc_ids: Optional[torch.Tensor] = None,
+        layout: Optional[DocumentLayout] = None,
+        return_diagnostics: bool = False,
+    ) -> DecoderOutput:
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        if layout is None and doc_ids is not None:
+            if doc_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"doc_ids shape {tuple(doc_ids.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+                )
+            layout = DocumentLayout.from_doc_ids(doc_ids)
+            if layout.is_single_document_per_row():
+                layout = None
+        x_BTD = self.embed_tokens(input_ids)
+        stream = self.residual.begin(x_BTD, diagnostics=return_diagnostics)
+        aux_losses: list[torch.Tensor] = []
+        for layer in self.layers:
+            layer(stream, self.residual, layout, aux_losses)
+        h_BTD = self.residual.final(stream, self.final_attnres)
+        logits_BTV = self.lm_head(self.final_norm(h_BTD))
+        aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits_BTV.new_zeros((), dtype=torch.float32)
+        out = DecoderOutput(logits=logits_BTV, aux_loss=aux_loss)
+        if return_diagnostics:
+            out.depth_weights = stream.depth_weights
+            out.sublayer_input_rms = torch.stack(stream.input_rms)
+        return out
+
+    # ------------------------------------------------------------------------------------------------
+    def moe_layers(self) -> list[nn.Module]:
+        return [layer.mlp for layer in self.layers if layer.spec.mlp == "moe"]
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        from .accounting import count_parameters
+
+        return count_parameters(self, exclude_embeddings=exclude_embeddings)
+
+    def num_active_parameters(self) -> int:
+        from .accounting import count_active_parameters
+
+        return count_active_parameters(self)
+
+    def flops_per_token(self, seq_len: int, training: bool = True) -> float:
+        """FLOPs per token of one step on sequences of ``seq_len`` (training = forward + backward = 3x)."""
+        cfg = self.config
+        forward = sum(layer.forward_flops_per_token(seq_len) for layer in self.layers)
+        forward += attnres_forward_flops_per_token(
+            cfg.residual, 2 * cfg.num_layers, cfg.attnres_block_size, cfg.hidden_size
+        )
+        forward += 2.0 * cfg.hidden_size * cfg.vocab_size  # LM head
+        return 3.0 * forward if training else forward

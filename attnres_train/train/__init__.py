@@ -1,0 +1,1 @@
+"""Training loop pieces: DeepSpeed engine setup, checkpoints, metrics, CLI."""

@@ -1,0 +1,3 @@
+from attnres_train.train.cli import main
+
+main()

@@ -1,0 +1,534 @@
+"""Crash-safe checkpoints on top of DeepSpeed's ``engine.save_checkpoint`` / ``engine.load_checkpoint``.
+
+DeepSpeed alone is not crash-safe: it ``torch.save``s straight into the final paths and rank 0 rewrites
+``latest`` before the other ranks have necessarily finished their shards, so a crash mid-save can leave
+``latest`` pointing at a half-written checkpoint. This module adds a commit protocol around it.
+
+Layout under ``root_dir``::
+
+    latest_complete             text file naming the newest complete tag, replaced atomically
+    step_00000120/              one tag directory per save (``tag_for_step``)
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   DeepSpeed's files
+        rank_state_00000.pt     optional per-rank state (RNG, data position); one file per rank
+        COMPLETE                JSON marker, written last, by rank 0, once every rank has finished
+    superseded/step_.../        complete checkpoints moved aside when a run went back to an earlier step
+
+Rules:
+
+* A tag directory without a valid ``COMPLETE`` marker is never loaded; the next save deletes it.
+* A complete checkpoint is never rewritten in place. Saving a step whose complete checkpoint this manager
+  wrote or loaded itself (the final save landing on a periodic one, or a save right after resuming) is
+  skipped: the state on disk is the state in memory. Any other complete checkpoint at that step or later
+  belongs to another trajectory (the run was restarted from an earlier tag, or from scratch), so the save
+  moves it to ``superseded/`` (never deletes it) before writing: "newest step" then always means "latest
+  written", and ``latest()`` cannot resume an abandoned trajectory.
+* ``keep_last`` counts complete checkpoints in ``root_dir``; older ones are deleted marker-first, so a crash
+  while deleting leaves an incomplete directory, never a complete-looking damaged one.
+* ``root_dir`` must be on a file system every rank sees (DeepSpeed loads rely on that too). The save sequence
+  is collective: every rank must call ``save`` / ``load`` with the same arguments, in the same order.
+* The marker records every file's size; ``load`` checks them before DeepSpeed reads anything, so a truncated
+  or missing shard fails the same way on every rank with the file named, instead of deep inside DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import zipfile
+from datetime import datetime, timezone
+from hashlib import sha256
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+MARKER_NAME = "COMPLETE"
+POINTER_NAME = "latest_complete"
+SUPERSEDED_DIR_NAME = "superseded"
+MARKER_FORMAT_VERSION = 1
+# The caller's client state travels under one key of DeepSpeed's model-states dict: DeepSpeed merges client
+# state into that dict, so a caller key such as "module" or "optimizer" would otherwise overwrite its data.
+CLIENT_STATE_KEY = "attnres_client_state"
+MODEL_CONFIG_KEY = "model_config"
+FINGERPRINT_KEY = "model_config_fingerprint"
+TAG_PATTERN = re.compile(r"^step_(\d+)$")
+_TEMP_INFIX = ".tmp-"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written, found or loaded; the message names the path and what is wrong."""
+
+
+# --- tags -------------------------------------------------------------------------------------------------
+
+
+def tag_for_step(step: int) -> str:
+    """The tag (directory name) of the checkpoint taken after ``step`` optimizer steps, e.g. ``step_00000120``."""
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be an int >= 0, got {step!r}")
+    return f"step_{step:08d}"
+
+
+def step_of_tag(tag: str) -> Optional[int]:
+    """The step encoded in a tag, or None when ``tag`` is not a checkpoint tag."""
+    match = TAG_PATTERN.match(tag)
+    return int(match.group(1)) if match else None
+
+
+# --- model config fingerprint -------------------------------------------------------------------------------
+
+
+def _canonical_json(value: Any, field: str) -> Any:
+    """A JSON-ready copy of ``value`` (tuples become lists); raises naming the field that cannot be encoded."""
+    if isinstance(value, Mapping):
+        return {str(key): _canonical_json(item, f"{field}.{key}" if field else str(key)) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_canonical_json(item, f"{field}[{index}]") for index, item in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(
+        f"model config field '{field}' has a {type(value).__name__} value {value!r}; "
+        "a fingerprinted config may hold only None, bool, int, float, str, lists and dicts"
+    )
+
+
+def config_fingerprint(model_cfg: Mapping[str, Any]) -> str:
+    """A stable hash of a model config dict: sha256 of its key-sorted JSON, first 16 hex digits.
+
+    Equal configs give equal fingerprints regardless of key order; tuples and lists hash alike.
+    """
+    if not isinstance(model_cfg, Mapping):
+        raise TypeError(f"config_fingerprint: expected a dict of model config fields, got {type(model_cfg).__name__}")
+    encoded = json.dumps(_canonical_json(model_cfg, ""), sort_keys=True, separators=(",", ":"))
+    return sha256(encoded.encode()).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(value, Mapping) and value:
+        for key, item in value.items():
+            _flatten(item, f"{prefix}.{key}" if prefix else str(key), out)
+    else:
+        out[prefix] = value
+    return out
+
+
+_MISSING = "<missing>"
+
+
+def diff_configs(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """One line per field that differs, ``"name: saved X, current Y"``; nested dicts give dotted names.
+
+    A field present on one side only shows ``<missing>`` on the other. Sorted by field name.
+    """
+    saved_flat = _flatten(_canonical_json(saved, ""), "", {})
+    current_flat = _flatten(_canonical_json(current, ""), "", {})
+    lines = []
+    for field in sorted(set(saved_flat) | set(current_flat)):
+        saved_value = saved_flat.get(field, _MISSING)
+        current_value = current_flat.get(field, _MISSING)
+        if saved_value != current_value or type(saved_value) is not type(current_value):
+            lines.append(f"{field}: saved {saved_value!r}, current {current_value!r}")
+    return lines
+
+
+def model_config_state(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The client-state entries ``validate_fingerprint`` reads: the config dict and its fingerprint."""
+    return {MODEL_CONFIG_KEY: _canonical_json(model_cfg, ""), FINGERPRINT_KEY: config_fingerprint(model_cfg)}
+
+
+def validate_fingerprint(
+    client_state: Mapping[str, Any],
+    expected_fingerprint: str,
+    current_model_config: Optional[Mapping[str, Any]] = None,
+) -> None:
+    """Raise CheckpointError when the checkpoint's model config is not the one being trained now.
+
+    ``client_state`` is what ``CheckpointManager.load`` returned (saved with ``model_config_state``).
+    Pass ``current_model_config`` to have the message name the differing fields.
+    """
+    if FINGERPRINT_KEY not in client_state:
+        raise CheckpointError(
+            f"checkpoint client state has no '{FINGERPRINT_KEY}': it was saved without model_config_state(...), "
+            "so it cannot be checked against the current model config"
+        )
+    saved_fingerprint = client_state[FINGERPRINT_KEY]
+    if saved_fingerprint == expected_fingerprint:
+        return
+    saved_config = client_state.get(MODEL_CONFIG_KEY)
+    if current_model_config is None:
+        detail = "pass current_model_config to list the differing fields"
+    elif not isinstance(saved_config, Mapping):
+        detail = f"the checkpoint holds no '{MODEL_CONFIG_KEY}' dict to compare fields with"
+    else:
+        differences = diff_configs(saved_config, current_model_config)
+        detail = ("differing fields: " + "; ".join(differences) if differences
+                  else "all fields are equal, so the fingerprint was computed differently")
+    raise CheckpointError(
+        f"checkpoint was saved for a different model config (fingerprint {saved_fingerprint}, current "
+        f"{expected_fingerprint}): {detail}"
+    )
+
+
+# --- durable file operations --------------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path) -> None:
+    # Directories are fsynced too: a rename is durable only once its directory entry is.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the data files were synced already
+        pass
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through ``write(file)`` into a temp file beside ``path``, fsync it, then rename it over ``path``."""
+    temp_path = path.with_name(f".{path.name}{_TEMP_INFIX}{os.getpid()}")
+    try:
+        with open(temp_path, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_path, path)
+    finally:
+        if temp_path.exists():
+            temp_path.unlink()
+    _fsync_path(path.parent)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    _atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def process_group_barrier() -> Callable[[], None]:
+    """``torch.distributed.barrier`` when a process group is initialised, else a no-op (single process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.barrier
+    return lambda: None
+
+
+# --- the manager --------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """Crash-safe save / resume of a DeepSpeed engine under ``root_dir`` (see the module docstring for the rules).
+
+    Args:
+        root_dir: directory holding the tag directories; created on first save.
+        keep_last: complete checkpoints kept in ``root_dir`` (>= 1), or 0 to keep every one.
+        rank, world_size: this process's global rank and the number of ranks.
+        barrier: blocks until every rank reached it (``process_group_barrier()``).
+    """
+
+    def __init__(
+        self, root_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int, barrier: Callable[[], None]
+    ):
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f"keep_last must be an int >= 0 (0 keeps every checkpoint), got {keep_last!r}")
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        if not callable(barrier):
+            raise TypeError(f"barrier must be a callable taking no arguments, got {type(barrier).__name__}")
+        self.root_dir = Path(root_dir)
+        self.keep_last = keep_last
+        self.rank = rank
+        self.world_size = world_size
+        self.barrier = barrier
+        self.loaded_tag: Optional[str] = None
+        # Tags whose on-disk state is this run's own state: written by this manager or resumed from.
+        self._own_tags: set[str] = set()
+
+    # --- inspection -----------------------------------------------------------------------------------------
+
+    def read_marker(self, tag: str) -> Optional[dict[str, Any]]:
+        """The completion marker of ``tag`` as a dict, or None when the tag is missing or incomplete."""
+        step = step_of_tag(tag)
+        marker_path = self.root_dir / tag / MARKER_NAME
+        if step is None or not marker_path.is_file():
+            return None
+        try:
+            marker = json.loads(marker_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            # The marker is written atomically, so a bad one means outside damage: treat the tag as incomplete.
+            logger.warning("ignoring checkpoint %s: unreadable completion marker (%s)", marker_path.parent, error)
+            return None
+        if not (isinstance(marker, dict) and marker.get("tag") == tag and marker.get("step") == step
+                and isinstance(marker.get("files"), dict)):
+            logger.warning("ignoring checkpoint %s: completion marker does not describe this tag", marker_path.parent)
+            return None
+        return marker
+
+    def _scan_tags(self) -> list[tuple[int, str]]:
+        """Every tag directory in root_dir (complete or not) as (step, tag), ascending by step."""
+        if not self.root_dir.is_dir():
+            return []
+        found = []
+        for entry in self.root_dir.iterdir():
+            step = step_of_tag(entry.name)
+            if step is not None and entry.is_dir():
+                found.append((step, entry.name))
+        return sorted(found)
+
+    def complete_tags(self) -> list[str]:
+        """Tags of the complete checkpoints in root_dir, oldest step first."""
+        return [tag for _, tag in self._scan_tags() if self.read_marker(tag) is not None]
+
+    def latest(self) -> Optional[tuple[str, Path]]:
+        """The newest complete checkpoint as (tag, directory), or None when there is none.
+
+        The pointer file is trusted when it names a complete tag; when it is missing, unreadable or names an
+        incomplete or missing directory, the complete tag with the highest step wins.
+        """
+        pointer_path = self.root_dir / POINTER_NAME
+        try:
+            pointed_tag = pointer_path.read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            pointed_tag = None
+        if pointed_tag is not None and self.read_marker(pointed_tag) is not None:
+            return pointed_tag, self.root_dir / pointed_tag
+        complete = self.complete_tags()
+        if pointer_path.exists() or complete:
+            logger.info("checkpoint pointer %s is missing or stale (%r); scanned tag directories instead",
+                        pointer_path, pointed_tag)
+        if not complete:
+            return None
+        return complete[-1], self.root_dir / complete[-1]
+
+    # --- save -----------------------------------------------------------------------------------------------
+
+    def save(self, engine: Any, step: int, client_state: dict, rank_state: Optional[dict] = None) -> Path:
+        """Write a checkpoint of ``engine`` after ``step`` steps and commit it; returns its tag directory.
+
+        Collective: every rank calls it. ``client_state`` (rank 0's is the one stored, as in DeepSpeed) comes
+        back from ``load``; ``rank_state`` is stored per rank and comes back from ``load_rank_state`` -- use it
+        for state that differs between ranks, such as ``capture_rng_state()``.
+
+        If the write fails on a rank, that rank raises CheckpointError (the tag stays incomplete, the previous
+        checkpoint stays the newest) and the other ranks wait in the next barrier until the process group's
+        timeout, as with any failed collective.
+        """
+        tag = tag_for_step(step)
+        if not isinstance(client_state, dict):
+            raise TypeError(f"client_state must be a dict, got {type(client_state).__name__}")
+        if rank_state is not None and not isinstance(rank_state, dict):
+            raise TypeError(f"rank_state must be a dict or None, got {type(rank_state).__name__}")
+        tag_dir = self.root_dir / tag
+        # Every rank reaches the same decision: _own_tags evolves identically and markers are on a shared disk.
+        already_saved = tag in self._own_tags and self.read_marker(tag) is not None
+
+        if self.rank == 0:
+            self.root_dir.mkdir(parents=True, exist_ok=True)
+            self._clear_from_step(step, keep_tag=tag if already_saved else None)
+        self.barrier()
+
+        if already_saved:
+            logger.info("checkpoint %s already holds this run's state at step %d: not rewritten", tag_dir, step)
+            if self.rank == 0:
+                _atomic_write_text(self.root_dir / POINTER_NAME, tag + "\n")
+            self.barrier()
+            return tag_dir
+
+        try:
+            engine.save_checkpoint(str(self.root_dir), tag=tag, client_state={CLIENT_STATE_KEY: client_state},
+                                   save_latest=False)
+            if rank_state is not None:
+                tag_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(self._rank_state_path(tag_dir, self.rank), lambda handle: torch.save(rank_state, handle))
+        except Exception as error:
+            previous = self.latest()
+            raise CheckpointError(
+                f"saving checkpoint {tag_dir} failed on rank {self.rank} ({type(error).__name__}: {error}); "
+                f"it stays incomplete and is never loaded; the newest complete checkpoint is "
+                f"{previous[1] if previous else 'none'}"
+            ) from error
+        self.barrier()
+
+        if self.rank == 0:
+            self._commit(tag, step, client_state)
+            self._prune()
+        self.barrier()
+        self._own_tags.add(tag)
+        return tag_dir
+
+    @staticmethod
+    def _rank_state_path(tag_dir: Path, rank: int) -> Path:
+        return tag_dir / f"rank_state_{rank:05d}.pt"
+
+    def _clear_from_step(self, step: int, keep_tag: Optional[str]) -> None:
+        """Rank 0, before a save at ``step``: delete incomplete tags, move other trajectories' tags >= step aside."""
+        for tag_step, tag in self._scan_tags():
+            tag_dir = self.root_dir / tag
+            if self.read_marker(tag) is None:
+                shutil.rmtree(tag_dir)  # a crashed save: never loadable, and it may block this tag's directory
+                logger.info("removed incomplete checkpoint %s", tag_dir)
+            elif tag_step >= step and tag != keep_tag:
+                superseded_dir = self.root_dir / SUPERSEDED_DIR_NAME
+                superseded_dir.mkdir(exist_ok=True)
+                destination = superseded_dir / f"{tag}.{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**9:09d}"
+                os.replace(tag_dir, destination)
+                logger.warning(
+                    "checkpoint %s is from another trajectory (this run is at step %d and did not write or resume "
+                    "from it): moved to %s", tag_dir, step, destination)
+        _fsync_path(self.root_dir)
+
+    def _commit(self, tag: str, step: int, client_state: Mapping[str, Any]) -> None:
+        """Rank 0, after every rank finished writing: make the files durable, write the marker, move the pointer."""
+        tag_dir = self.root_dir / tag
+        file_sizes = {}
+        for path in sorted(tag_dir.rglob("*")):
+            if path.is_file() and path.name != MARKER_NAME:
+                _fsync_path(path)
+                file_sizes[path.relative_to(tag_dir).as_posix()] = path.stat().st_size
+        for directory in sorted({path.parent for path in tag_dir.rglob("*")} | {tag_dir}):
+            _fsync_path(directory)
+        now = time.time()
+        marker = {
+            "format_version": MARKER_FORMAT_VERSION,
+            "tag": tag,
+            "step": step,
+            "saved_at_unix": now,
+            "saved_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
+            "world_size": self.world_size,
+            "config_fingerprint": client_state.get(FINGERPRINT_KEY),
+            # Lets a resume name the differing fields before DeepSpeed reads any tensor (no shape traceback).
+            MODEL_CONFIG_KEY: client_state.get(MODEL_CONFIG_KEY),
+            "files": file_sizes,
+        }
+        _atomic_write_text(tag_dir / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+        _atomic_write_text(self.root_dir / POINTER_NAME, tag + "\n")
+
+    def _prune(self) -> None:
+        """Rank 0: keep the newest ``keep_last`` complete checkpoints; drop incomplete tags and stray temp files."""
+        complete = []
+        for _, tag in self._scan_tags():
+            if self.read_marker(tag) is None:
+                shutil.rmtree(self.root_dir / tag)
+            else:
+                complete.append(tag)
+        expired = complete[: -self.keep_last] if self.keep_last else []
+        for tag in expired:
+            tag_dir = self.root_dir / tag
+            # Marker first: a crash mid-delete then leaves an incomplete directory, which nothing loads.
+            (tag_dir / MARKER_NAME).unlink()
+            _fsync_path(tag_dir)
+            shutil.rmtree(tag_dir)
+            logger.info("pruned checkpoint %s (keep_last=%d)", tag_dir, self.keep_last)
+        for stray in self.root_dir.glob(f".{POINTER_NAME}{_TEMP_INFIX}*"):
+            stray.unlink(missing_ok=True)
+
+    # --- load -----------------------------------------------------------------------------------------------
+
+    def _resolve_complete_tag(self, tag: Optional[str]) -> Optional[tuple[str, dict[str, Any]]]:
+        if tag is None:
+            newest = self.latest()
+            if newest is None:
+                return None
+            tag = newest[0]
+        marker = self.read_marker(tag)
+        if marker is None:
+            tag_dir = self.root_dir / tag
+            reason = "does not exist" if not tag_dir.exists() else f"is incomplete (no valid {MARKER_NAME} marker)"
+            raise CheckpointError(
+                f"checkpoint {tag_dir} {reason}; complete checkpoints: {self.complete_tags() or 'none'}")
+        return tag, marker
+
+    def _check_files(self, tag_dir: Path, marker: Mapping[str, Any]) -> None:
+        for relative_path, expected_size in marker["files"].items():
+            path = tag_dir / relative_path
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file {path} is missing (listed in {tag_dir / MARKER_NAME})")
+            actual_size = path.stat().st_size
+            if actual_size != expected_size:
+                raise CheckpointError(
+                    f"checkpoint file {path} is damaged: {actual_size} bytes, {expected_size} when it was saved "
+                    f"(truncated or overwritten)")
+
+    @staticmethod
+    def _find_unreadable_file(tag_dir: Path, marker: Mapping[str, Any]) -> Optional[str]:
+        """After a failed load: name the first file whose zip structure or CRCs are broken (torch.save's format)."""
+        for relative_path in marker["files"]:
+            path = tag_dir / relative_path
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad_member = archive.testzip()
+            except (OSError, zipfile.BadZipFile, EOFError) as error:
+                return f"{path} ({error})"
+            if bad_member is not None:
+                return f"{path} (corrupt entry {bad_member})"
+        return None
+
+    def load(self, engine: Any, tag: Optional[str] = None) -> Optional[dict]:
+        """Load the given (or newest) complete checkpoint into ``engine``, with optimizer and LR scheduler state.
+
+        Returns the ``client_state`` passed to ``save``, or None when root_dir holds no complete checkpoint.
+        Raises CheckpointError naming the path when the tag is incomplete, or a file is missing or corrupt; the
+        engine may then be partly loaded and should not be trained further.
+        """
+        resolved = self._resolve_complete_tag(tag)
+        if resolved is None:
+            logger.info("no complete checkpoint in %s", self.root_dir)
+            return None
+        tag, marker = resolved
+        tag_dir = self.root_dir / tag
+        self._check_files(tag_dir, marker)
+        try:
+            load_path, saved_state = engine.load_checkpoint(
+                str(self.root_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        except Exception as error:
+            culprit = self._find_unreadable_file(tag_dir, marker)
+            raise CheckpointError(
+                f"checkpoint {tag_dir} could not be loaded: "
+                f"{'unreadable file ' + culprit if culprit else 'DeepSpeed rejected it'} "
+                f"[{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'}]; "
+                f"the engine may be partly loaded; other complete checkpoints: "
+                f"{[other for other in self.complete_tags() if other != tag] or 'none'}"
+            ) from error
+        if load_path is None or saved_state is None:
+            raise CheckpointError(f"checkpoint {tag_dir}: DeepSpeed found no model states file to load")
+        if CLIENT_STATE_KEY not in saved_state:
+            raise CheckpointError(
+                f"checkpoint {tag_dir} was not written by CheckpointManager (no '{CLIENT_STATE_KEY}' entry)")
+        if marker.get("world_size") != self.world_size:
+            logger.warning("checkpoint %s was saved by %s rank(s), loading on %d",
+                           tag_dir, marker.get("world_size"), self.world_size)
+        self.loaded_tag = tag
+        # The engine now holds this tag's trajectory: checkpoints this manager wrote before are no longer its own.
+        self._own_tags = {tag}
+        logger.info("resumed from checkpoint %s (step %d)", tag_dir, marker["step"])
+        return saved_state[CLIENT_STATE_KEY]
+
+    def load_rank_state(self, tag: Optional[str] = None) -> Optional[dict]:
+        """This rank's ``rank_state`` from ``save`` (default tag: the one ``load`` loaded, else the newest).
+
+        None when there is no checkpoint, it was saved without rank state, or by a different world size
+        (rank r's state then belongs to no rank in particular).
+        """
+        resolved = self._resolve_complete_tag(tag if tag is not None else self.loaded_tag)
+        if resolved is None:
+            return None
+        tag, marker = resolved
+        tag_dir = self.root_dir / tag
+        if marker.get("world_size") != self.world_size:
+            logger.warning("checkpoint %s was saved by %s rank(s), this run has %d: per-rank state not restored",
+                           tag_dir, marker.get("world_size"), self.world_size)
+            return None
+        path = self._rank_state_path(tag_dir, self.rank)
+        relative_path = path.relative_to(tag_dir).as_posix()
+        if relative_path not in marker["files"]:
+            return None
+        self._check_files(tag_dir, {"files": {relative_path: marker["files"][relative_path]}})
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)  # our own pickle: RNG tuples, arrays
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint file {path} could not be read ({type(error).__name__}: {error})") from error

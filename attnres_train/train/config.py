@@ -1,0 +1,113 @@
+"""Typed schema of the whole run config (``configs/train.yaml`` and its groups) and its validation.
+
+The schema is registered in Hydra's ConfigStore as ``run_schema``; ``configs/train.yaml`` lists it first in its
+defaults, so every group YAML and every command-line override is type-checked against these dataclasses and an
+unknown or mistyped key fails at composition time, naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from attnres_train.data.config import DataConfig
+from attnres_train.model.config import ModelConfig
+from attnres_train.train.optim import OptimConfig
+
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+RESUME_MODES = ("auto", "never")
+LOGGER_BACKENDS = ("jsonl", "wandb")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+class RunConfigError(ValueError):
+    """A run config field has an impossible value; the message names the field."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # sequences per rank per forward/backward
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1234
+    log_every: int = 10  # steps between metrics.jsonl records
+    val_every: int = 100  # steps between validation passes (0 disables; also run at the end)
+    val_batches: int = 8  # validation micro-batches per pass (per rank)
+    checkpoint_every: int = 100  # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
+    keep_checkpoints: int = 2  # complete checkpoints kept in run_dir/checkpoints
+    resume: str = "auto"  # auto: newest complete checkpoint in run_dir | never | path to a checkpoint tag dir
+    activation_checkpointing: bool = False  # recompute sublayers in backward to save activation memory
+    compile: bool = False  # torch.compile each decoder layer (CUDA only)
+    progress_bar: bool = True  # tqdm bar on rank 0
+    num_threads: Optional[int] = None  # torch CPU threads per process (default: torch's choice)
+    peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; default: looked up from the GPU name
+
+
+@dataclass
+class ParallelConfig:
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0 | 1 | 2 | 3
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "jsonl"  # jsonl (run_dir/metrics.jsonl, always written) | wandb (also logs to W&B)
+    wandb_project: str = "attnres-train"
+    wandb_entity: Optional[str] = None
+    wandb_mode: str = "auto"  # auto: online when an API key is configured, else offline | online | offline | disabled
+    wandb_run_name: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"  # checkpoints, metrics and Hydra's output; identical on every rank
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def validate_train(train: TrainConfig) -> None:
+    def need(cond: bool, name: str, expected: str) -> None:
+        if not cond:
+            raise RunConfigError(f"train.{name}={getattr(train, name)!r}: expected {expected}")
+
+    need(train.max_steps >= 0, "max_steps", "an integer >= 0")
+    need(train.micro_batch_size >= 1, "micro_batch_size", "an integer >= 1")
+    need(train.grad_accum_steps >= 1, "grad_accum_steps", "an integer >= 1")
+    need(train.precision in PRECISIONS, "precision", f"one of {PRECISIONS}")
+    need(train.device in DEVICES, "device", f"one of {DEVICES}")
+    need(train.log_every >= 1, "log_every", "an integer >= 1")
+    need(train.val_every >= 0, "val_every", "an integer >= 0")
+    need(train.val_batches >= 0, "val_batches", "an integer >= 0")
+    need(train.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0")
+    need(train.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
+    need(bool(train.resume), "resume", "auto, never or a checkpoint path")
+    need(train.num_threads is None or train.num_threads >= 1, "num_threads", "null or an integer >= 1")
+    need(train.peak_flops is None or train.peak_flops > 0, "peak_flops", "null or a positive FLOP/s figure")
+
+
+def validate_parallel(parallel: ParallelConfig) -> None:
+    if parallel.zero_stage not in (0, 1, 2, 3):
+        raise RunConfigError(f"parallel.zero_stage={parallel.zero_stage!r}: expected 0, 1, 2 or 3")
+    if parallel.dist_backend not in ("auto", "nccl", "gloo"):
+        raise RunConfigError(f"parallel.dist_backend={parallel.dist_backend!r}: expected auto, nccl or gloo")
+
+
+def validate_logger(logger: LoggerConfig) -> None:
+    if logger.backend not in LOGGER_BACKENDS:
+        raise RunConfigError(f"logger.backend={logger.backend!r}: expected one of {LOGGER_BACKENDS}")
+    if logger.wandb_mode not in WANDB_MODES:
+        raise RunConfigError(f"logger.wandb_mode={logger.wandb_mode!r}: expected one of {WANDB_MODES}")
+
+
+def register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,387 @@
+"""The training loop: data -> DeepSpeed engine -> optimizer step -> MoE balancing -> metrics -> checkpoints.
+
+Exact resume: a checkpoint holds model, optimizer and LR-schedule state (DeepSpeed) plus, in client_state, the
+step, tokens seen, the training loader's position, every RNG state and the model config with its fingerprint.
+Checkpoints are only taken between optimizer steps, where the MoE load counters are empty, so restoring this
+state continues the run as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from attnres_train.data import build_loaders, build_tokenizer
+from attnres_train.data.config import DataConfig
+from attnres_train.model import ModelConfig, build_model
+from attnres_train.model.accounting import describe
+
+from .checkpoint import (
+    FINGERPRINT_KEY,
+    MODEL_CONFIG_KEY,
+    CheckpointError,
+    CheckpointManager,
+    config_fingerprint,
+    model_config_state,
+    validate_fingerprint,
+)
+from .config import (
+    LoggerConfig,
+    ParallelConfig,
+    RunConfigError,
+    TrainConfig,
+    validate_logger,
+    validate_parallel,
+    validate_train,
+)
+from .engine import DistributedContext, deepspeed_config, initialize_engine, resolve_precision, setup_distributed
+from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
+from .optim import OptimConfig, build_optimizer
+from .rng import capture_rng_state, restore_rng_state
+from .schedule import build_lr_scheduler
+
+IGNORE_INDEX = -100
+
+
+class StopRequested:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+
+def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def _typed(section: Any, cls):
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(section, cls):
+        return section
+    if isinstance(section, DictConfig):
+        section = OmegaConf.to_container(section, resolve=True)
+    return cls(**section)
+
+
+class Trainer:
+    def __init__(self, cfg: Any):
+        from omegaconf import DictConfig, OmegaConf
+
+        self.resolved_config = (
+            OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        )
+        self.run_dir = Path(self.resolved_config["run_dir"]).resolve()
+        self.model_cfg = ModelConfig.from_mapping(self.resolved_config["model"])
+        self.data_cfg = DataConfig.from_mapping(self.resolved_config["data"])
+        self.optim_cfg = OptimConfig.from_mapping(self.resolved_config["optim"])
+        self.train_cfg = _typed(self.resolved_config["train"], TrainConfig)
+        self.parallel_cfg = _typed(self.resolved_config["parallel"], ParallelConfig)
+        self.logger_cfg = _typed(self.resolved_config["logger"], LoggerConfig)
+        validate_train(self.train_cfg)
+        validate_parallel(self.parallel_cfg)
+        validate_logger(self.logger_cfg)
+
+    # ------------------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        train = self.train_cfg
+        if train.num_threads:
+            torch.set_num_threads(train.num_threads)
+        ctx = setup_distributed(self.parallel_cfg, train)
+        precision = resolve_precision(train, ctx.device)
+        if precision == "bf16" and ctx.device.type == "cpu" and train.precision == "auto":
+            precision = "fp32"
+
+        tokenizer = build_tokenizer(self.data_cfg)
+        if self.model_cfg.vocab_size < tokenizer.vocab_size:
+            raise RunConfigError(
+                f"model.vocab_size={self.model_cfg.vocab_size} is smaller than the tokenizer's vocabulary "
+                f"({tokenizer.vocab_size} for data.tokenizer={self.data_cfg.tokenizer!r}); "
+                f"set model.vocab_size>={tokenizer.vocab_size}"
+            )
+        train_loader, val_loader = build_loaders(
+            self.data_cfg,
+            tokenizer,
+            micro_batch_size=train.micro_batch_size,
+            dp_rank=ctx.rank,
+            dp_world_size=ctx.world_size,
+            seed=train.seed,
+            val_num_batches=train.val_batches,
+        )
+
+        checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints",
+            keep_last=train.keep_checkpoints,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            barrier=ctx.barrier,
+        )
+        resume_tag = self._resume_target(checkpoints)
+
+        torch.manual_seed(train.seed)
+        model = build_model(self.model_cfg)
+        if train.activation_checkpointing:
+            from .activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        model.to(ctx.device)
+        if train.compile:
+            if ctx.device.type != "cuda":
+                raise RunConfigError("train.compile=true: torch.compile is supported on CUDA runs only")
+            for layer in model.layers:
+                layer.compile()
+
+        optimizer = build_optimizer(model, self.optim_cfg)
+        lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=train.max_steps)
+        ds_config = deepspeed_config(train, self.parallel_cfg, self.optim_cfg.grad_clip, precision, ctx.world_size)
+        engine = initialize_engine(model, optimizer, lr_scheduler, ds_config)
+
+        step, tokens_seen = 0, 0
+        if resume_tag is not None:
+            client_state = checkpoints.load(engine, tag=resume_tag)
+            step = int(client_state["step"])
+            tokens_seen = int(client_state["tokens_seen"])
+            train_loader.load_state_dict(client_state["train_loader"])
+            rank_state = checkpoints.load_rank_state(resume_tag)
+            if rank_state is not None:  # absent when resuming on more ranks than saved
+                restore_rng_state(rank_state["rng"])
+        accounting = describe(model, self.data_cfg.seq_len)
+        flops_per_token = accounting["train_flops_per_token"]
+        peak = peak_flops_per_device(ctx.device, train.peak_flops)
+        if ctx.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resume_tag is not None:
+                _supersede_metrics_after(self.run_dir / "metrics.jsonl", step)
+            (self.run_dir / "model_summary.json").write_text(json.dumps(accounting, indent=2) + "\n")
+        logger = MetricsLogger(
+            self.run_dir,
+            self.logger_cfg,
+            ctx.is_main,
+            total_steps=train.max_steps,
+            start_step=step,
+            progress_bar=train.progress_bar,
+            resolved_config=self.resolved_config,
+        )
+        logger.message(
+            f"run_dir={self.run_dir} device={ctx.device} world_size={ctx.world_size} precision={precision} "
+            f"params={accounting['total_parameters']:,} active={accounting['active_parameters']:,} "
+            f"layers={accounting['layer_pattern']}"
+            + (f" resumed_from={resume_tag} step={step}" if resume_tag is not None else "")
+        )
+
+        stop = StopRequested()
+        stop.install()
+        tokens_per_step = train.micro_batch_size * train.grad_accum_steps * ctx.world_size * self.data_cfg.seq_len
+        last_loss = float("nan")
+        last_val: Optional[float] = None
+        stopped_by: Optional[str] = None
+        try:
+            window_start = time.perf_counter()
+            window_steps = 0
+            while step < train.max_steps:
+                engine.train()
+                step_loss, step_aux = 0.0, 0.0
+                for _ in range(train.grad_accum_steps):
+                    batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
+                    out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
+                    lm_loss = language_model_loss(out.logits, batch["labels"])
+                    engine.backward(lm_loss + out.aux_loss)
+                    engine.step()
+                    step_loss += lm_loss.item() / train.grad_accum_steps
+                    step_aux += float(out.aux_loss.item()) / train.grad_accum_steps
+                step += 1
+                tokens_seen += tokens_per_step
+                window_steps += 1
+                moe_stats = self._update_moe_balance(model, ctx)
+                last_loss = ctx.mean_over_ranks(step_loss)
+
+                if step % train.log_every == 0 or step == train.max_steps:
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                    record = {
+                        "step": step,
+                        "loss": last_loss,
+                        "aux_loss": ctx.mean_over_ranks(step_aux),
+                        "lr": float(lr_scheduler.get_last_lr()[0]),
+                        "grad_norm": _grad_norm(engine),
+                        "tokens": tokens_seen,
+                        "tokens_per_s": tokens_per_s,
+                        "step_time_s": elapsed / window_steps,
+                        "mfu": model_flops_utilization(flops_per_token, tokens_per_s, peak, ctx.world_size),
+                    }
+                    if moe_stats:
+                        record["moe"] = moe_stats
+                    logger.log(record)
+                    logger.progress(step, last_loss, tokens_per_s)
+                    window_start, window_steps = time.perf_counter(), 0
+
+                validation_due = train.val_every and (step % train.val_every == 0 or step == train.max_steps)
+                if validation_due and val_loader is not None and train.val_batches > 0:
+                    last_val = self._validate(engine, model, val_loader, ctx, logger, step, tokens_seen)
+                    window_start = time.perf_counter()
+                    window_steps = 0
+
+                stopped_by = self._agreed_stop(stop, ctx)
+                periodic = train.checkpoint_every and step % train.checkpoint_every == 0
+                if periodic or step == train.max_steps or stopped_by:
+                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader)
+                    window_start = time.perf_counter()
+                    window_steps = 0
+                if stopped_by:
+                    logger.message(f"received {stopped_by}: checkpoint saved at step {step}, exiting")
+                    break
+        finally:
+            stop.uninstall()
+            logger.close()
+        return {"step": step, "tokens": tokens_seen, "loss": last_loss, "val_loss": last_val, "stopped_by": stopped_by}
+
+    # ------------------------------------------------------------------------------------------------
+    def _resume_target(self, checkpoints: CheckpointManager) -> Optional[str]:
+        mode = self.train_cfg.resume
+        if mode == "never":
+            return None
+        if mode == "auto":
+            latest = checkpoints.latest()
+            tag = latest[0] if latest is not None else None
+        else:
+            tag = self._explicit_resume_tag(checkpoints, mode)
+        if tag is not None:
+            marker = checkpoints.read_marker(tag) or {}
+            validate_fingerprint(
+                {FINGERPRINT_KEY: marker.get("config_fingerprint"), MODEL_CONFIG_KEY: marker.get(MODEL_CONFIG_KEY)},
+                config_fingerprint(self.model_cfg.to_dict()),
+                current_model_config=self.model_cfg.to_dict(),
+            )
+        return tag
+
+    @staticmethod
+    def _explicit_resume_tag(checkpoints: CheckpointManager, mode: str) -> str:
+        target = Path(mode)
+        if target.resolve().parent != checkpoints.root_dir.resolve() or checkpoints.read_marker(target.name) is None:
+            raise CheckpointError(
+                f"train.resume={mode!r}: expected a complete checkpoint directory of this run "
+                f"(a step_* directory with a COMPLETE marker inside {checkpoints.root_dir})"
+            )
+        return target.name
+
+    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader):
+        client_state = {
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "train_loader": train_loader.state_dict(),
+            "world_size": ctx.world_size,
+            **model_config_state(self.model_cfg.to_dict()),
+        }
+        checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()})
+
+    @staticmethod
+    def _agreed_stop(stop: StopRequested, ctx: DistributedContext) -> Optional[str]:
+        """A signal may reach only some ranks; every rank must take the same decision."""
+        flag = torch.tensor([1.0 if stop.signal_name else 0.0], device=ctx.device)
+        ctx.all_reduce_sum_(flag)
+        if flag.item() > 0:
+            return stop.signal_name or "SIGTERM"
+        return None
+
+    @staticmethod
+    @torch.no_grad()
+    def _update_moe_balance(model, ctx: DistributedContext) -> dict:
+        """Once per optimizer step: all ranks update every expert bias from the globally observed load."""
+        layers = model.moe_layers()
+        if not layers:
+            return {}
+        violations = []
+        for moe in layers:
+            counts = moe.tokens_per_expert.detach().clone().to(ctx.device)
+            ctx.all_reduce_sum_(counts)
+            stats = moe.update_expert_bias(counts)
+            violations.append(float(stats.get("max_violation", float("nan"))))
+        finite = [v for v in violations if math.isfinite(v)]
+        return {
+            "max_violation_mean": sum(finite) / len(finite) if finite else None,
+            "max_violation_per_layer": violations,
+        }
+
+    def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen) -> Optional[float]:
+        engine.eval()
+        total_loss = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        diagnostics = None
+        with torch.no_grad():
+            for i, batch in enumerate(val_loader):
+                batch = {k: v.to(ctx.device) for k, v in batch.items()}
+                want_diag = i == 0
+                out = engine(batch["input_ids"], doc_ids=batch["doc_ids"], return_diagnostics=want_diag)
+                n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+                total_loss[0] += language_model_loss(out.logits, batch["labels"]).double() * n_tokens
+                total_loss[1] += n_tokens
+                if want_diag:
+                    diagnostics = out
+        engine.train()
+        ctx.all_reduce_sum_(total_loss)
+        if total_loss[1] == 0:
+            return None
+        val_loss = float(total_loss[0] / total_loss[1])
+        record = {"step": step, "tokens": tokens_seen, "val_loss": val_loss}
+        if diagnostics is not None:
+            record["sublayer_input_rms"] = diagnostics.sublayer_input_rms.tolist()
+            if diagnostics.depth_weights:
+                weights = [w.tolist() for w in diagnostics.depth_weights]
+                record["attnres_depth_weights"] = weights
+                record["attnres_embedding_weight_mean"] = sum(w[0] for w in weights) / len(weights)
+        logger.log(record)
+        logger.message(f"step {step}: val_loss={val_loss:.4f}")
+        return val_loss
+
+
+def _grad_norm(engine) -> Optional[float]:
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
+    return norm if math.isfinite(norm) else None
+
+
+def _supersede_metrics_after(path: Path, step: int) -> None:
+    """On resume, records of steps beyond the checkpoint belong to an abandoned timeline: move them to
+    ``metrics.superseded.jsonl`` (kept, not deleted) so metrics.jsonl holds one consistent history."""
+    if not path.exists():
+        return
+    keep, superseded = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record_step = int(json.loads(line).get("step", 0))
+        except (ValueError, AttributeError):
+            record_step = 0
+        (superseded if record_step > step else keep).append(line)
+    if not superseded:
+        return
+    with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
+        f.write("\n".join(superseded) + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
