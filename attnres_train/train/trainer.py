@@ -203,12 +203,14 @@ class Trainer:
             window_steps = 0
             while step < train.max_steps:
                 engine.train()
-                step_loss, step_aux = 0.0, 0.0
+                step_loss, step_aux, grad_norm = 0.0, 0.0, None
                 for _ in range(train.grad_accum_steps):
                     batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
                     out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
                     lm_loss = language_model_loss(out.logits, batch["labels"])
                     engine.backward(lm_loss + out.aux_loss)
+                    if engine.is_gradient_accumulation_boundary():
+                        grad_norm = _unclipped_grad_norm_if_untracked(engine)
                     engine.step()
                     step_loss += lm_loss.item() / train.grad_accum_steps
                     step_aux += float(out.aux_loss.item()) / train.grad_accum_steps
@@ -226,7 +228,7 @@ class Trainer:
                         "loss": last_loss,
                         "aux_loss": ctx.mean_over_ranks(step_aux),
                         "lr": float(lr_scheduler.get_last_lr()[0]),
-                        "grad_norm": _grad_norm(engine),
+                        "grad_norm": grad_norm if grad_norm is not None else _grad_norm(engine),
                         "tokens": tokens_seen,
                         "tokens_per_s": tokens_per_s,
                         "step_time_s": elapsed / window_steps,
@@ -362,6 +364,17 @@ def _grad_norm(engine) -> Optional[float]:
         return None
     norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
     return norm if math.isfinite(norm) else None
+
+
+def _unclipped_grad_norm_if_untracked(engine) -> Optional[float]:
+    """DeepSpeed records the global grad norm only inside its ZeRO / bf16 optimizers; for plain fp32
+    stage 0 we read it from the (already data-parallel averaged) gradients before the step clips them."""
+    if engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled():
+        return None
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.nn.utils.get_total_norm(grads).item())
 
 
 def _supersede_metrics_after(path: Path, step: int) -> None:

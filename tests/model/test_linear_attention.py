@@ -7,7 +7,6 @@ recurrence. GPU tests compare the fla-kernel path with the torch path and run on
 
 from __future__ import annotations
 
-import math
 import time
 
 import pytest
@@ -18,7 +17,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from attnres_train.model.mixers.delta_rule import (
     chunk_delta_rule,
     delta_rule_chunk_macs,
-    l2_normalize,
     recurrent_delta_rule,
 )
 from attnres_train.model.mixers.linear_attention import GatedDeltaNet, KimiDeltaAttention
@@ -419,7 +417,8 @@ def test_forward_flops_hand_count():
     assert projections == 2368 and per_chunk_head == 118272
     assert kda.forward_flops_per_token(64) == 2 * (projections + convs + 4 * per_chunk_head / 64) == 20032
     # T = 100: two chunks (the second partial one computed in full)
-    assert kda.forward_flops_per_token(100) == pytest.approx(2 * (projections + convs) + 2 * 4 * 2 * per_chunk_head / 100)
+    two_chunks = 2 * (projections + convs) + 2 * 4 * 2 * per_chunk_head / 100
+    assert kda.forward_flops_per_token(100) == pytest.approx(two_chunks)
 
     # GDN, D=16, H=HV=2, K=8, V=16 (expand_v=2): scalar gate, dense C x C products.
     gdn = GatedDeltaNet(hidden_size=16, head_dim=8, num_heads=2, impl="torch")

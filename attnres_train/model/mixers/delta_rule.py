@@ -256,7 +256,10 @@ def recurrent_delta_rule(
     if g.dim() == 3:
         g = g.unsqueeze(-1)  # scalar gate: the same decay for every key channel
 
-    state_BNKV = torch.zeros(B, N, K, V, dtype=dtype, device=v.device) if initial_state is None else initial_state.to(dtype)
+    if initial_state is None:
+        state_BNKV = torch.zeros(B, N, K, V, dtype=dtype, device=v.device)
+    else:
+        state_BNKV = initial_state.to(dtype)
     outputs = []
     for t in range(T):
         state_BNKV = state_BNKV * torch.exp(g[:, t]).unsqueeze(-1)

@@ -6,7 +6,7 @@ Both map ``x [B, T, D] -> y [B, T, D]``::
     q, k, v  = silu(short_conv(W_q x)), silu(short_conv(W_k x)), silu(short_conv(W_v x))
     q, k     = l2_normalize(q), l2_normalize(k)                          (per head)
     g        = -exp(A_log) * softplus(gate_input(x) + dt_bias)           (log-space forget gate)
-    beta     = sigmoid(b_proj(x))                  (x2 with allow_neg_eigval)
+    beta     = sigmoid(b_proj(x))                                        (x2 with allow_neg_eigval)
     o        = gated_delta_rule(q, k, v, g, beta)                        (see delta_rule.py)
     y        = o_proj(rms_norm(o) * act(output_gate(x)))                 (per value head)
 
@@ -20,7 +20,8 @@ Parameter names, shapes and inits are those of fla 0.6.0's ``fla.layers.KimiDelt
 Two implementations of the mixing (``impl``):
 * ``torch``: pure PyTorch on any device. Documents of a packed row become padded rows
   (``DocumentLayout.to_padded``), so the recurrent state and the conv window restart exactly at each
-  document; the chunked delta rule of ``delta_rule.py`` does the recurrence.
+  document; the chunked delta rule of ``delta_rule.py`` does the recurrence. Projections run on the
+  B*T real tokens; the conv and the recurrence cost grows with documents x longest document.
 * ``fla``: CUDA only. fla's Triton kernels (``chunk_kda`` / ``chunk_gated_delta_rule``, and the
   ``fused_recurrent_*`` kernels in eval mode without grad for T <= 64) and fla's ``causal_conv1d`` for the
   short convs, on the flattened ``[1, B*T]`` tokens with ``cu_seqlens`` of the layout, so no padding.
@@ -214,7 +215,8 @@ class _GatedDeltaRuleMixer(nn.Module):
     def _mix_torch(self, x_BTD: torch.Tensor, layout: DocumentLayout | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, E, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
-        parts = [self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD), self._gate_input(x_BTD), self.b_proj(x_BTD)]
+        parts = [self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)]
+        parts += [self._gate_input(x_BTD), self.b_proj(x_BTD)]
         # Projections are per token, so they run on the B*T real tokens; only the conv and the recurrence
         # need one document per row, and they get the padded [R, L] batch (gathered once, concatenated).
         padded = layout is not None and not layout.is_single_document_per_row()
@@ -412,7 +414,13 @@ class GatedDeltaNet(_GatedDeltaRuleMixer):
     def _projection_macs(self) -> int:
         """q, k: 2*D*H*K; v: D*HV*V; a_proj, b_proj: 2*D*HV; g_proj: D*HV*V; o_proj: HV*V*D."""
         D = self.hidden_size
-        return 2 * D * self.key_dim + D * self.value_dim + 2 * D * self.num_v_heads + D * self.value_dim + self.value_dim * D
+        return (
+            2 * D * self.key_dim
+            + D * self.value_dim
+            + 2 * D * self.num_v_heads
+            + D * self.value_dim
+            + self.value_dim * D
+        )
 
     def _fla_kernels(self):
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule

@@ -1,0 +1,172 @@
+#!/usr/bin/env python
+"""Training-step benchmark: ``model.residual=standard`` vs ``block_attnres`` measured alternately in one run.
+
+Both variants are built from the same preset, trained on the same random token batches with AdamW, and timed in
+alternating rounds so clock and thermal drift hit both equally. Prints a table and writes JSON (device, versions,
+config, step time, tokens/s, MFU from the model's exact FLOP count) to ``--out``.
+
+    python scripts/bench_train.py --preset kimi_linear_1b --seq-len 4096 --micro-batch 4
+    python scripts/bench_train.py --preset tiny --seq-len 256 --micro-batch 2 --rounds 2 --steps 2   # CPU dry run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from attnres_train.model import build_model  # noqa: E402
+from attnres_train.model.packing import doc_ids_from_eos  # noqa: E402
+from attnres_train.train.metrics import model_flops_utilization, peak_flops_per_device  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="kimi_linear_1b", help="name of a configs/model/*.yaml preset")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds per variant")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--docs-per-row", type=int, default=1, help="packed documents per row (1: no boundaries)")
+    p.add_argument("--variants", default="standard,block_attnres")
+    p.add_argument("--override", action="append", default=[], help="model field override, e.g. attnres_block_size=4")
+    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_train_<preset>_<device>.json)")
+    return p.parse_args(argv)
+
+
+def load_preset(name: str, overrides: list[str]) -> dict:
+    cfg = yaml.safe_load((REPO / "configs" / "model" / f"{name}.yaml").read_text())
+    for item in overrides:
+        key, value = item.split("=", 1)
+        cfg[key] = yaml.safe_load(value)
+    return cfg
+
+
+def make_batches(n, batch, seq_len, vocab, docs_per_row, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab - 1, (batch, seq_len + 1), generator=gen)
+        if docs_per_row > 1:  # vocab - 1 plays EOS at evenly spaced document ends
+            ends = torch.linspace(0, seq_len, docs_per_row + 1).long()[1:-1]
+            ids[:, ends] = vocab - 1
+        inputs, labels = ids[:, :-1], ids[:, 1:]
+        doc_ids = doc_ids_from_eos(inputs, vocab - 1) if docs_per_row > 1 else None
+        out.append((inputs.to(device), labels.to(device), None if doc_ids is None else doc_ids.to(device)))
+    return out
+
+
+def train_step(model, optimizer, batch, autocast_dtype):
+    inputs, labels, doc_ids = batch
+    with torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        out = model(inputs, doc_ids=doc_ids)
+        loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten()) + out.aux_loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for moe in model.moe_layers():
+        moe.update_expert_bias()
+    return loss
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
+    param_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    base = load_preset(args.preset, args.override)
+    variants = args.variants.split(",")
+
+    models, optimizers = {}, {}
+    for variant in variants:
+        torch.manual_seed(0)
+        model = build_model({**base, "residual": variant}).to(device=device, dtype=param_dtype)
+        models[variant] = model
+        optimizers[variant] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    batches = make_batches(4, args.micro_batch, args.seq_len, base["vocab_size"], args.docs_per_row, device)
+
+    for variant in variants:
+        for i in range(args.warmup):
+            train_step(models[variant], optimizers[variant], batches[i % len(batches)], None)
+    synchronize(device)
+
+    step_times = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for variant in variants:
+            synchronize(device)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                train_step(models[variant], optimizers[variant], batches[i % len(batches)], None)
+            synchronize(device)
+            step_times[variant].append((time.perf_counter() - start) / args.steps)
+
+    tokens_per_step = args.micro_batch * args.seq_len
+    peak = peak_flops_per_device(device)
+    results = {}
+    for variant in variants:
+        model = models[variant]
+        median = statistics.median(step_times[variant])
+        tokens_per_s = tokens_per_step / median
+        flops_per_token = model.flops_per_token(args.seq_len)
+        results[variant] = {
+            "step_time_s_median": median,
+            "step_time_s_per_round": step_times[variant],
+            "tokens_per_s": tokens_per_s,
+            "train_flops_per_token": flops_per_token,
+            "achieved_tflops": flops_per_token * tokens_per_s / 1e12,
+            "mfu": model_flops_utilization(flops_per_token, tokens_per_s, peak, 1),
+            "total_parameters": model.num_parameters(),
+            "active_parameters": model.num_active_parameters(),
+        }
+    if "standard" in results and "block_attnres" in results:
+        results["block_attnres_overhead"] = (
+            results["block_attnres"]["step_time_s_median"] / results["standard"]["step_time_s_median"] - 1
+        )
+    if device.type == "cuda":
+        results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+    report = {
+        "benchmark": "bench_train",
+        "date": datetime.now(timezone.utc).isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "peak_flops_per_device": peak,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda},
+        "config": {**vars(args), "dtype": dtype, "model": base},
+        "results": results,
+    }
+    print(f"{args.preset} on {report['device']} ({dtype}), {args.micro_batch}x{args.seq_len} tokens/step")
+    for variant in variants:
+        r = results[variant]
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"  {variant:14s} step {1000 * r['step_time_s_median']:8.1f} ms  {r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
+    if "block_attnres_overhead" in results:
+        print(f"  block_attnres overhead: {100 * results['block_attnres_overhead']:+.2f}%")
+    out = Path(args.out) if args.out else (
+        REPO / "benchmarks" / "results" / f"bench_train_{args.preset}_{device.type}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
