@@ -27,27 +27,37 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .norms import RMSNorm, compute_dtype
+from .norms import compute_dtype
 
 
 class AttnResQuery(nn.Module):
-    """Pseudo-query and key RMSNorm of one AttnRes mix (one per sublayer, plus one for the output)."""
+    """Pseudo-query and key-RMSNorm weight of one AttnRes mix (one per sublayer, plus one for the output).
+
+    Calling the module performs the mix. Both parameters are direct attributes read inside ``forward`` so that
+    wrappers which gather parameters around a module's forward (DeepSpeed ZeRO-3) see them.
+    """
 
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.query = nn.Parameter(torch.zeros(hidden_size))
         # Read by the optimizer's param grouping: queries get no weight decay (decay would pull them to uniform).
         self.query._no_weight_decay = True
-        self.key_norm = RMSNorm(hidden_size, eps=eps)
+        self.key_norm_weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
 
     def reset_parameters(self) -> None:
         # Zero queries are part of the method (uniform mix at step 0), not an arbitrary init choice.
         with torch.no_grad():
             self.query.zero_()
-        self.key_norm.reset_parameters()
+            self.key_norm_weight.fill_(1.0)
 
     def effective_query(self, dtype: torch.dtype) -> torch.Tensor:
-        return self.key_norm.weight.to(dtype) * self.query.to(dtype)
+        return self.key_norm_weight.to(dtype) * self.query.to(dtype)
+
+    def forward(
+        self, sources_NBTD: torch.Tensor, rstd_NBT: torch.Tensor, return_weights: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return attnres_mix(sources_NBTD, rstd_NBT, self.effective_query(compute_dtype(sources_NBTD)), return_weights)
 
 
 def source_rstd(v_BTD: torch.Tensor, eps: float) -> torch.Tensor:
@@ -59,16 +69,17 @@ def source_rstd(v_BTD: torch.Tensor, eps: float) -> torch.Tensor:
 def attnres_mix(
     sources_NBTD: torch.Tensor,
     rstd_NBT: torch.Tensor,
-    mixer: AttnResQuery,
+    effective_query_D: torch.Tensor,
     return_weights: bool = False,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Softmax-over-depth mix of the stacked sources (pure-torch reference path).
 
-    Returns the mixed hidden state in the sources' dtype and, on request, the depth weights ``[N, B, T]``.
+    ``effective_query_D`` is the pseudo-query times the key-norm weight. Returns the mixed hidden state in the
+    sources' dtype and, on request, the depth weights ``[N, B, T]``.
     """
     dtype = compute_dtype(sources_NBTD)
     sources_c = sources_NBTD.to(dtype)
-    logits_NBT = torch.einsum("nbtd,d->nbt", sources_c, mixer.effective_query(dtype)) * rstd_NBT
+    logits_NBT = torch.einsum("nbtd,d->nbt", sources_c, effective_query_D.to(dtype)) * rstd_NBT
     weights_NBT = torch.softmax(logits_NBT, dim=0)
     h_BTD = torch.einsum("nbt,nbtd->btd", weights_NBT, sources_c).to(sources_NBTD.dtype)
     return h_BTD, (weights_NBT if return_weights else None)
@@ -141,7 +152,7 @@ class _DepthMixingResidual:
             sources.append(stream.partial)
             rstd.append(source_rstd(stream.partial, self.eps))
         want_weights = stream.depth_weights is not None
-        h_BTD, weights_NBT = attnres_mix(torch.stack(sources), torch.stack(rstd), mixer, return_weights=want_weights)
+        h_BTD, weights_NBT = mixer(torch.stack(sources), torch.stack(rstd), return_weights=want_weights)
         if want_weights:
             stream.depth_weights.append(weights_NBT.detach().float().mean(dim=(1, 2)))
         return h_BTD

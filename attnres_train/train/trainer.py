@@ -104,6 +104,12 @@ class Trainer:
         validate_train(self.train_cfg)
         validate_parallel(self.parallel_cfg)
         validate_logger(self.logger_cfg)
+        if self.optim_cfg.name == "muon" and self.parallel_cfg.zero_stage > 0:
+            raise RunConfigError(
+                f"parallel.zero_stage={self.parallel_cfg.zero_stage} with optim.name='muon': ZeRO hands the "
+                "optimizer flattened 1-D shards, but Muon orthogonalises whole 2-D matrices; use parallel=zero0 "
+                "with optim=muon, or optim=adamw with ZeRO"
+            )
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -154,6 +160,8 @@ class Trainer:
             for layer in model.layers:
                 layer.compile()
 
+        # Counted before DeepSpeed wraps the model: ZeRO-3 partitions parameters in place (numel 0 per rank).
+        accounting = describe(model, self.data_cfg.seq_len)
         optimizer = build_optimizer(model, self.optim_cfg)
         lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=train.max_steps)
         ds_config = deepspeed_config(train, self.parallel_cfg, self.optim_cfg.grad_clip, precision, ctx.world_size)
@@ -168,7 +176,6 @@ class Trainer:
             rank_state = checkpoints.load_rank_state(resume_tag)
             if rank_state is not None:  # absent when resuming on more ranks than saved
                 restore_rng_state(rank_state["rng"])
-        accounting = describe(model, self.data_cfg.seq_len)
         flops_per_token = accounting["train_flops_per_token"]
         peak = peak_flops_per_device(ctx.device, train.peak_flops)
         if ctx.is_main:
@@ -272,10 +279,15 @@ class Trainer:
             tag = self._explicit_resume_tag(checkpoints, mode)
         if tag is not None:
             marker = checkpoints.read_marker(tag) or {}
+            saved_model_cfg = marker.get(MODEL_CONFIG_KEY)
+            # Nested under "model" so the differing fields are named as on the command line (model.hidden_size).
             validate_fingerprint(
-                {FINGERPRINT_KEY: marker.get("config_fingerprint"), MODEL_CONFIG_KEY: marker.get(MODEL_CONFIG_KEY)},
+                {
+                    FINGERPRINT_KEY: marker.get("config_fingerprint"),
+                    MODEL_CONFIG_KEY: {"model": saved_model_cfg} if isinstance(saved_model_cfg, dict) else None,
+                },
                 config_fingerprint(self.model_cfg.to_dict()),
-                current_model_config=self.model_cfg.to_dict(),
+                current_model_config={"model": self.model_cfg.to_dict()},
             )
         return tag
 

@@ -44,7 +44,7 @@ def _randomise_attnres(model, seed=1):
         for name, p in model.named_parameters():
             if "attnres" in name and name.endswith("query"):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            elif "attnres" in name and "key_norm" in name:
+            elif "attnres" in name and "key_norm_weight" in name:
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
 
 
@@ -61,7 +61,7 @@ def _paper_rmsnorm(v, weight, eps):
 def _paper_mix(sources, attnres, eps):
     """h = sum_i softmax_i(w . RMSNorm(v_i)) v_i, token by token."""
     q = attnres.query
-    g = attnres.key_norm.weight
+    g = attnres.key_norm_weight
     keys = [_paper_rmsnorm(v, g, eps) for v in sources]
     B, T, D = sources[0].shape
     h = torch.zeros(B, T, D, dtype=sources[0].dtype)

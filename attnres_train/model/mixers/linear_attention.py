@@ -210,7 +210,15 @@ class _GatedDeltaRuleMixer(nn.Module):
                 stacklevel=3,
             )
             return False
+        refusal = self._fla_kernel_refusal(x_BTD)
+        if refusal is not None:
+            warnings.warn(f"{type(self).__name__}: {refusal}; impl='auto' uses the pure-torch delta rule", stacklevel=3)
+            return False
         return True
+
+    def _fla_kernel_refusal(self, x_BTD: torch.Tensor) -> str | None:
+        """Why fla's kernels must not run for this input on this machine (None: they may)."""
+        return None
 
     def _mix_torch(self, x_BTD: torch.Tensor, layout: DocumentLayout | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
@@ -372,6 +380,18 @@ class GatedDeltaNet(_GatedDeltaRuleMixer):
     """
 
     per_channel_gate = False
+
+    def _fla_kernel_refusal(self, x_BTD: torch.Tensor) -> str | None:
+        # fla 0.6 raises in the backward of its gated chunk kernel for these Triton releases on Hopper
+        # (wrong results, fla issue #640); deciding up front keeps a training step from dying mid-backward.
+        if torch.cuda.get_device_capability(x_BTD.device)[0] != 9:
+            return None
+        import triton
+
+        version = tuple(int(part) for part in triton.__version__.split(".")[:3] if part.isdigit())
+        if (3, 4, 0) <= version < (3, 7, 1):
+            return f"fla's gated delta-rule backward is refused with Triton {triton.__version__} on Hopper"
+        return None
 
     def __init__(
         self,
