@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
+
+from attnres_train.schema import plain_container, section_from_mapping
 
 SOURCES = ("stdlib", "hf")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
@@ -78,20 +80,8 @@ class DataConfig:
     @classmethod
     def from_mapping(cls, cfg: Any) -> "DataConfig":
         """Build from a DictConfig, a dict or a DataConfig; unknown keys are an error naming the key."""
-        if isinstance(cfg, DataConfig):
-            out = dataclasses.replace(cfg)
-        else:
-            mapping = _to_plain(cfg)
-            if not isinstance(mapping, dict):
-                raise DataConfigError(f"data config must be a mapping or DataConfig, got {type(cfg).__name__}")
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(mapping) - known)
-            if unknown:
-                raise DataConfigError(
-                    f"data.{unknown[0]}: unknown data config key (known keys: {', '.join(sorted(known))})"
-                )
-            out = cls(**mapping)
-        out.hf_data_files = _to_plain(out.hf_data_files)
+        out = section_from_mapping(cls, cfg, "data", DataConfigError)
+        out.hf_data_files = plain_container(out.hf_data_files)
         out.validate()
         return out
 
@@ -102,7 +92,7 @@ class DataConfig:
             if not cond:
                 raise DataConfigError(f"data.{name}={getattr(self, name)!r}: expected {expected}")
 
-        self.hf_data_files = _to_plain(self.hf_data_files)
+        self.hf_data_files = plain_container(self.hf_data_files)
         need(self.source in SOURCES, "source", f"one of {SOURCES}")
         need(isinstance(self.tokenizer, str) and self.tokenizer.strip() != "", "tokenizer",
              "'byte', a local tokenizer directory or a Hugging Face hub name")
@@ -210,16 +200,3 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _to_plain(value: Any) -> Any:
-    """OmegaConf containers -> plain dict / list (anything else unchanged)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        return value
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping) and not isinstance(value, dict):
-        return dict(value)
-    if isinstance(value, tuple):
-        return list(value)
-    return value

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
+
+from attnres_train.schema import section_from_mapping
 
 LINEAR_MIXERS = ("kda", "gdn")
 FULL_MIXERS = ("mla", "gqa")
@@ -88,17 +90,7 @@ class ModelConfig:
     @classmethod
     def from_mapping(cls, cfg: Any) -> "ModelConfig":
         """Build from a DictConfig, a dict or a ModelConfig; unknown keys are an error naming the key."""
-        if isinstance(cfg, ModelConfig):
-            out = dataclasses.replace(cfg)
-        else:
-            mapping = _to_plain_dict(cfg)
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(mapping) - known)
-            if unknown:
-                raise ModelConfigError(
-                    f"model.{unknown[0]}: unknown model config key (known keys: {', '.join(sorted(known))})"
-                )
-            out = cls(**mapping)
+        out = section_from_mapping(cls, cfg, "model", ModelConfigError)
         out.validate()
         return out
 
@@ -223,16 +215,3 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _to_plain_dict(cfg: Any) -> dict:
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        pass
-    raise ModelConfigError(f"model config must be a mapping or ModelConfig, got {type(cfg).__name__}")

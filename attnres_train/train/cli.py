@@ -44,7 +44,20 @@ def strip_local_rank_argument(argv: list[str]) -> list[str]:
 
 
 def run(cfg) -> dict:
-    """Run one training job from a composed config; user errors become one line on stderr and exit 2."""
+    """Run one training job from a composed config.
+
+    Single run: user errors become one line on stderr and exit 2; bugs raise with their traceback.
+    Multirun (``-m``, one call per sweep job): the job trains in its own sweep subdirectory; a job already
+    finished with the same config is skipped; a job that raises is recorded in a ``FAILED`` marker, reported
+    in one line, and the sweep goes on; a job stopped by SIGTERM/SIGINT ends the whole sweep (exit 0), which
+    the same command resumes.
+    """
+    if is_multirun():
+        return run_sweep_job(cfg)
+    return _train(cfg, exit_on_user_error=True)
+
+
+def _train(cfg, exit_on_user_error: bool) -> dict:
     from attnres_train.data.config import DataConfigError
     from attnres_train.model.config import ModelConfigError
 
@@ -57,8 +70,55 @@ def run(cfg) -> dict:
     try:
         return Trainer(cfg).run()
     except user_errors as exc:
+        if not exit_on_user_error:
+            raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def run_sweep_job(cfg) -> dict:
+    """One job of a Hydra multirun; never raises for a failed job, so the sweep continues."""
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from .run_state import FAILED_NAME, config_key, finished_marker, is_finished_with, write_json_atomic
+
+    # Hydra computed the job's directory (sweep dir / override_dirname) identically on every rank, before any
+    # rank ran; the trainer puts checkpoints and metrics in cfg.run_dir, so that is where it must point.
+    job_dir = Path(HydraConfig.get().runtime.output_dir).resolve()
+    cfg.run_dir = str(job_dir)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    job_name = HydraConfig.get().job.override_dirname or job_dir.name
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.train.resume == "auto" and is_finished_with(job_dir, config_key(resolved)):
+            print(f"skipped (already finished): {job_name}", flush=True)
+            return {**(finished_marker(job_dir) or {}), "skipped": True}
+        result = _train(cfg, exit_on_user_error=False)
+    except Exception as exc:  # noqa: BLE001 - any failure of one job is recorded, the sweep goes on
+        message = f"{type(exc).__name__}: {exc}"
+        if is_main:
+            write_json_atomic(
+                job_dir / FAILED_NAME,
+                {"error": message, "job": job_name, "traceback": traceback.format_exc()},
+            )
+        print(f"error: job {job_name} failed: {message} (details in {job_dir / FAILED_NAME})",
+              file=sys.stderr, flush=True)
+        return {"failed": True, "error": message}
+    if result.get("stopped_by"):
+        print(f"sweep stopped by {result['stopped_by']} in job {job_name}; run the same command again to resume",
+              flush=True)
+        raise SystemExit(0)
+    return result
 
 
 def main() -> None:

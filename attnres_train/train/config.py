@@ -27,7 +27,10 @@ class RunConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 200  # optimizer steps
+    max_steps: int = 200  # optimizer steps (ignored when flops_budget is set)
+    # Compute-matched runs: train for ceil(flops_budget / (train_flops_per_token * tokens_per_step)) steps, so
+    # every run of a sweep spends the same training FLOPs (at least the budget, less than one step more).
+    flops_budget: Optional[float] = None
     micro_batch_size: int = 8  # sequences per rank per forward/backward
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
@@ -90,6 +93,7 @@ def validate_train(train: TrainConfig) -> None:
     need(train.keep_checkpoints >= 1, "keep_checkpoints", "an integer >= 1")
     need(bool(train.resume), "resume", "auto, never or a checkpoint path")
     need(train.num_threads is None or train.num_threads >= 1, "num_threads", "null or an integer >= 1")
+    need(train.flops_budget is None or train.flops_budget > 0, "flops_budget", "null or a positive FLOP count")
     need(train.peak_flops is None or train.peak_flops > 0, "peak_flops", "null or a positive FLOP/s figure")
 
 

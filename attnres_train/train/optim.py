@@ -35,10 +35,12 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+from attnres_train.schema import section_from_mapping
 
 OPTIMIZER_NAMES = ("adamw", "muon")
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -85,17 +87,7 @@ class OptimConfig:
     @classmethod
     def from_mapping(cls, cfg: Any) -> "OptimConfig":
         """Build from a DictConfig, a dict or an OptimConfig; unknown keys are an error naming the key."""
-        if isinstance(cfg, OptimConfig):
-            out = dataclasses.replace(cfg)
-        else:
-            mapping = _to_plain_dict(cfg)
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(mapping) - known)
-            if unknown:
-                raise OptimConfigError(
-                    f"optim.{unknown[0]}: unknown optim config key (known keys: {', '.join(sorted(known))})"
-                )
-            out = cls(**mapping)
+        out = section_from_mapping(cls, cfg, "optim", OptimConfigError)
         if isinstance(out.betas, (list, tuple)):
             out.betas = tuple(out.betas)  # OmegaConf hands tuples over as lists
         out.validate()
@@ -150,19 +142,6 @@ def _is_real(x: Any) -> bool:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _to_plain_dict(cfg: Any) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):  # before Mapping: a DictConfig is one, but its lists are ListConfigs
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
-        pass
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise OptimConfigError(f"optim config must be a mapping or OptimConfig, got {type(cfg).__name__}")
 
 
 def _missing_muon_reason() -> Optional[str]:

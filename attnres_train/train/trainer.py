@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
@@ -47,6 +46,7 @@ from .engine import DistributedContext, deepspeed_config, initialize_engine, res
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer
 from .rng import capture_rng_state, restore_rng_state
+from .run_state import FAILED_NAME, FINISHED_NAME, RESOLVED_CONFIG_NAME, clear_marker, config_key, write_json_atomic
 from .schedule import build_lr_scheduler
 
 IGNORE_INDEX = -100
@@ -162,8 +162,11 @@ class Trainer:
 
         # Counted before DeepSpeed wraps the model: ZeRO-3 partitions parameters in place (numel 0 per rank).
         accounting = describe(model, self.data_cfg.seq_len)
+        flops_per_token = accounting["train_flops_per_token"]
+        tokens_per_step = train.micro_batch_size * train.grad_accum_steps * ctx.world_size * self.data_cfg.seq_len
+        total_steps = target_steps(train, flops_per_token, tokens_per_step)
         optimizer = build_optimizer(model, self.optim_cfg)
-        lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=train.max_steps)
+        lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=total_steps)
         ds_config = deepspeed_config(train, self.parallel_cfg, self.optim_cfg.grad_clip, precision, ctx.world_size)
         engine = initialize_engine(model, optimizer, lr_scheduler, ds_config)
 
@@ -176,18 +179,23 @@ class Trainer:
             rank_state = checkpoints.load_rank_state(resume_tag)
             if rank_state is not None:  # absent when resuming on more ranks than saved
                 restore_rng_state(rank_state["rng"])
-        flops_per_token = accounting["train_flops_per_token"]
         peak = peak_flops_per_device(ctx.device, train.peak_flops)
         if ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if resume_tag is not None:
                 _supersede_metrics_after(self.run_dir / "metrics.jsonl", step)
-            (self.run_dir / "model_summary.json").write_text(json.dumps(accounting, indent=2) + "\n")
+            summary = {**accounting, "tokens_per_step": tokens_per_step, "total_steps": total_steps,
+                       "flops_budget": train.flops_budget}
+            (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            _write_resolved_config(self.run_dir / RESOLVED_CONFIG_NAME, self.resolved_config)
+            clear_marker(self.run_dir, FAILED_NAME)
+            if step < total_steps:  # a finished run being extended is unfinished again until it ends
+                clear_marker(self.run_dir, FINISHED_NAME)
         logger = MetricsLogger(
             self.run_dir,
             self.logger_cfg,
             ctx.is_main,
-            total_steps=train.max_steps,
+            total_steps=total_steps,
             start_step=step,
             progress_bar=train.progress_bar,
             resolved_config=self.resolved_config,
@@ -195,20 +203,20 @@ class Trainer:
         logger.message(
             f"run_dir={self.run_dir} device={ctx.device} world_size={ctx.world_size} precision={precision} "
             f"params={accounting['total_parameters']:,} active={accounting['active_parameters']:,} "
-            f"layers={accounting['layer_pattern']}"
+            f"layers={accounting['layer_pattern']} steps={total_steps}"
+            + (f" flops_budget={train.flops_budget:.4g}" if train.flops_budget else "")
             + (f" resumed_from={resume_tag} step={step}" if resume_tag is not None else "")
         )
 
         stop = StopRequested()
         stop.install()
-        tokens_per_step = train.micro_batch_size * train.grad_accum_steps * ctx.world_size * self.data_cfg.seq_len
         last_loss = float("nan")
         last_val: Optional[float] = None
         stopped_by: Optional[str] = None
         try:
             window_start = time.perf_counter()
             window_steps = 0
-            while step < train.max_steps:
+            while step < total_steps:
                 engine.train()
                 step_loss, step_aux, grad_norm = 0.0, 0.0, None
                 for _ in range(train.grad_accum_steps):
@@ -227,7 +235,7 @@ class Trainer:
                 moe_stats = self._update_moe_balance(model, ctx)
                 last_loss = ctx.mean_over_ranks(step_loss)
 
-                if step % train.log_every == 0 or step == train.max_steps:
+                if step % train.log_every == 0 or step == total_steps:
                     elapsed = time.perf_counter() - window_start
                     tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
                     record = {
@@ -237,6 +245,7 @@ class Trainer:
                         "lr": float(lr_scheduler.get_last_lr()[0]),
                         "grad_norm": grad_norm if grad_norm is not None else _grad_norm(engine),
                         "tokens": tokens_seen,
+                        "flops": tokens_seen * flops_per_token,
                         "tokens_per_s": tokens_per_s,
                         "step_time_s": elapsed / window_steps,
                         "mfu": model_flops_utilization(flops_per_token, tokens_per_s, peak, ctx.world_size),
@@ -247,15 +256,17 @@ class Trainer:
                     logger.progress(step, last_loss, tokens_per_s)
                     window_start, window_steps = time.perf_counter(), 0
 
-                validation_due = train.val_every and (step % train.val_every == 0 or step == train.max_steps)
+                validation_due = train.val_every and (step % train.val_every == 0 or step == total_steps)
                 if validation_due and val_loader is not None and train.val_batches > 0:
-                    last_val = self._validate(engine, model, val_loader, ctx, logger, step, tokens_seen)
+                    last_val = self._validate(
+                        engine, model, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
+                    )
                     window_start = time.perf_counter()
                     window_steps = 0
 
                 stopped_by = self._agreed_stop(stop, ctx)
                 periodic = train.checkpoint_every and step % train.checkpoint_every == 0
-                if periodic or step == train.max_steps or stopped_by:
+                if periodic or step == total_steps or stopped_by:
                     self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader)
                     window_start = time.perf_counter()
                     window_steps = 0
@@ -265,7 +276,18 @@ class Trainer:
         finally:
             stop.uninstall()
             logger.close()
-        return {"step": step, "tokens": tokens_seen, "loss": last_loss, "val_loss": last_val, "stopped_by": stopped_by}
+        result = {
+            "step": step,
+            "total_steps": total_steps,
+            "tokens": tokens_seen,
+            "flops": tokens_seen * flops_per_token,
+            "loss": last_loss,
+            "val_loss": last_val,
+            "stopped_by": stopped_by,
+        }
+        if ctx.is_main and step >= total_steps and not stopped_by:
+            write_json_atomic(self.run_dir / FINISHED_NAME, {**result, "config_key": config_key(self.resolved_config)})
+        return result
 
     # ------------------------------------------------------------------------------------------------
     def _resume_target(self, checkpoints: CheckpointManager) -> Optional[str]:
@@ -339,7 +361,7 @@ class Trainer:
             "max_violation_per_layer": violations,
         }
 
-    def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen) -> Optional[float]:
+    def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
         engine.eval()
         total_loss = torch.zeros(2, dtype=torch.float64, device=ctx.device)
         diagnostics = None
@@ -358,7 +380,7 @@ class Trainer:
         if total_loss[1] == 0:
             return None
         val_loss = float(total_loss[0] / total_loss[1])
-        record = {"step": step, "tokens": tokens_seen, "val_loss": val_loss}
+        record = {"step": step, "tokens": tokens_seen, "flops": flops, "val_loss": val_loss}
         if diagnostics is not None:
             record["sublayer_input_rms"] = diagnostics.sublayer_input_rms.tolist()
             if diagnostics.depth_weights:
@@ -368,6 +390,26 @@ class Trainer:
         logger.log(record)
         logger.message(f"step {step}: val_loss={val_loss:.4f}")
         return val_loss
+
+
+def target_steps(train: TrainConfig, train_flops_per_token: float, tokens_per_step: int) -> int:
+    """Optimizer steps of the run: ``train.max_steps``, or with ``train.flops_budget`` set (which then replaces
+    max_steps) the fewest steps whose training FLOPs reach the budget:
+    ``ceil(flops_budget / (train_flops_per_token * tokens_per_step))``, where train_flops_per_token is the
+    model's exact count (``HybridDecoder.flops_per_token(seq_len)``, forward + backward)."""
+    if train.flops_budget is None:
+        return train.max_steps
+    flops_per_step = train_flops_per_token * tokens_per_step
+    # The tiny relative slack keeps a budget that is an exact multiple of a step from rounding up a step.
+    return max(1, math.ceil(train.flops_budget / flops_per_step * (1 - 1e-12)))
+
+
+def _write_resolved_config(path: Path, resolved_config: dict) -> None:
+    from omegaconf import OmegaConf
+
+    tmp = path.with_name(path.name + ".tmp")
+    OmegaConf.save(OmegaConf.create(resolved_config), tmp)
+    os.replace(tmp, path)
 
 
 def _grad_norm(engine) -> Optional[float]:
