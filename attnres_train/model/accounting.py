@@ -59,3 +59,48 @@ def describe(model: nn.Module, seq_len: int) -> dict:
         "seq_len": seq_len,
         "layer_pattern": "".join("F" if spec.is_full_attention else "L" for spec in model.specs),
     }
+
+
+def inference_cache_bytes(cfg, context_len: int, bytes_per_element: int = 2) -> dict:
+    """Bytes of decoding state one sequence holds after ``context_len`` tokens (KV cache + recurrent state).
+
+    Counted from the model's shape (``ModelConfig``), per layer by its mixer, in ``bytes_per_element`` (2 = bf16):
+    - MLA caches the compressed latent and the shared rope key: ``kv_lora_rank + qk_rope_head_dim`` values per
+      token (keys and values are re-expanded from the latent at decode time);
+    - GQA caches keys and values: ``2 * num_kv_heads * head_dim`` values per token;
+    - KDA / GDN keep a fixed-size state independent of ``context_len``: the delta-rule matrix
+      ``num_v_heads * head_k_dim * head_v_dim`` plus the short-conv windows
+      ``(conv_size - 1) * (2 * key_dim + value_dim)``, with key_dim = num_heads * head_k_dim and
+      value_dim = num_v_heads * head_v_dim.
+    Returns ``{"kv_cache": .., "recurrent_state": .., "total": ..}`` in bytes.
+    """
+    import dataclasses
+
+    from .config import ModelConfig
+
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"cfg must be a ModelConfig, got {type(cfg).__name__}")
+    if not isinstance(context_len, int) or context_len < 0:
+        raise ValueError(f"context_len={context_len!r}: expected an integer >= 0")
+    if bytes_per_element <= 0:
+        raise ValueError(f"bytes_per_element={bytes_per_element!r}: expected a positive number")
+    cfg = dataclasses.replace(cfg)
+    cfg.validate()  # derives the null head dims
+    kv_values_per_token = 0
+    state_values = 0
+    for kind in cfg.layer_kinds():
+        if kind == "F" and cfg.full_mixer == "mla":
+            kv_values_per_token += cfg.mla_kv_lora_rank + cfg.mla_qk_rope_head_dim
+        elif kind == "F":
+            kv_values_per_token += 2 * cfg.gqa_num_kv_heads * cfg.gqa_head_dim
+        else:
+            num_v_heads = cfg.linear_num_v_heads or cfg.linear_num_heads
+            head_k_dim = cfg.linear_head_dim
+            head_v_dim = int(round(head_k_dim * cfg.linear_expand_v))
+            key_dim = cfg.linear_num_heads * head_k_dim
+            value_dim = num_v_heads * head_v_dim
+            state_values += num_v_heads * head_k_dim * head_v_dim
+            state_values += (cfg.linear_conv_size - 1) * (2 * key_dim + value_dim)
+    kv_cache = kv_values_per_token * context_len * bytes_per_element
+    recurrent_state = state_values * bytes_per_element
+    return {"kv_cache": kv_cache, "recurrent_state": recurrent_state, "total": kv_cache + recurrent_state}
