@@ -118,8 +118,6 @@ class Trainer:
             torch.set_num_threads(train.num_threads)
         ctx = setup_distributed(self.parallel_cfg, train)
         precision = resolve_precision(train, ctx.device)
-        if precision == "bf16" and ctx.device.type == "cpu" and train.precision == "auto":
-            precision = "fp32"
 
         tokenizer = build_tokenizer(self.data_cfg)
         if self.model_cfg.vocab_size < tokenizer.vocab_size:

@@ -1,0 +1,1 @@
+"""Distributed techniques applied around the single-device model (one module per technique)."""
