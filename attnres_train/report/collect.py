@@ -172,7 +172,8 @@ def swept_keys(runs: list[RunRecord]) -> list[str]:
     varying = [
         key for key in keys
         if key not in PRIMARY_KEYS and key not in IGNORED_KEYS and not key.startswith("hydra.")
-        and len({json.dumps(f.get(key), sort_keys=True, default=str) for f in flat}) > 1
+        # Among the runs that have the key: a run that failed before its config was resolved lacks most keys.
+        and len({json.dumps(f[key], sort_keys=True, default=str) for f in flat if key in f}) > 1
     ]
     return [*PRIMARY_KEYS, *varying]
 

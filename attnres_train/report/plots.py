@@ -29,11 +29,11 @@ def run_label(run: RunRecord, keys: list[str]) -> str:
             parts.append(str(value))
         else:
             parts.append(f"{key.rsplit('.', 1)[-1]}={value}")
-    return ", ".join(parts) or run.name
+    label = ", ".join(parts) or run.name
+    return label if len(label) <= 60 else label[:57] + "..."  # a legend entry must not squeeze the axes away
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -52,7 +52,7 @@ def plot_val_loss(runs: list[RunRecord], keys: list[str], path: Path, x: str = "
             curves.append((run, points))
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     for run, points in curves:
         xs, ys = zip(*points)
         ax.plot(xs, ys, marker="o", linestyle="-" if run.residual != "standard" else "--",
@@ -74,7 +74,7 @@ def plot_final_val_vs_ratio(runs: list[RunRecord], path: Path) -> Optional[Path]
         by_residual.setdefault(str(run.residual), []).append((int(run.hybrid_ratio), run.last_val["val_loss"]))
     if not by_residual:
         return None
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), layout="constrained")
     ratios = sorted({ratio for points in by_residual.values() for ratio, _ in points})
     for residual, points in sorted(by_residual.items()):
         points.sort()
@@ -104,7 +104,8 @@ def plot_depth_weights(run: RunRecord, path: Path, keys: list[str]) -> Optional[
         return None
     matrix = depth_weight_matrix(record["attnres_depth_weights"])
     num_sources, num_mixes = matrix.shape
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * num_mixes + 2.5), max(3.5, 0.4 * num_sources + 1.8)))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * num_mixes + 3.0), max(4.0, 0.4 * num_sources + 2.0)),
+                           layout="constrained")
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", origin="lower", cmap="viridis", vmin=0.0)
     fig.colorbar(image, ax=ax, label="mean softmax weight")
     ax.set_xticks(range(num_mixes))
@@ -123,7 +124,7 @@ def plot_hidden_rms(runs: list[RunRecord], keys: list[str], path: Path) -> Optio
     curves = [(run, rec["sublayer_input_rms"]) for run, rec in curves if rec is not None]
     if not curves:
         return None
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), layout="constrained")
     for run, rms in curves:
         ax.plot(range(len(rms)), rms, marker=".", linestyle="--" if run.residual == "standard" else "-",
                 label=run_label(run, keys))

@@ -46,7 +46,15 @@ from .engine import DistributedContext, deepspeed_config, initialize_engine, res
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer
 from .rng import capture_rng_state, restore_rng_state
-from .run_state import FAILED_NAME, FINISHED_NAME, RESOLVED_CONFIG_NAME, clear_marker, config_key, write_json_atomic
+from .run_state import (
+    FAILED_NAME,
+    FINISHED_NAME,
+    RESOLVED_CONFIG_NAME,
+    clear_marker,
+    config_key,
+    is_finished_with,
+    write_json_atomic,
+)
 from .schedule import build_lr_scheduler
 
 IGNORE_INDEX = -100
@@ -283,8 +291,10 @@ class Trainer:
             "val_loss": last_val,
             "stopped_by": stopped_by,
         }
-        if ctx.is_main and step >= total_steps and not stopped_by:
-            write_json_atomic(self.run_dir / FINISHED_NAME, {**result, "config_key": config_key(self.resolved_config)})
+        key = config_key(self.resolved_config)
+        # A re-launch of a finished run trains nothing; its marker (with the real final losses) stays as it was.
+        if ctx.is_main and step >= total_steps and not stopped_by and not is_finished_with(self.run_dir, key):
+            write_json_atomic(self.run_dir / FINISHED_NAME, {**result, "config_key": key})
         return result
 
     # ------------------------------------------------------------------------------------------------
