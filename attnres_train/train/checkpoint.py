@@ -399,6 +399,7 @@ class CheckpointManager:
             "saved_at_unix": now,
             "saved_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
             "world_size": self.world_size,
+            "pipeline_stages": client_state.get("pipeline_stages", 1),
             "config_fingerprint": client_state.get(FINGERPRINT_KEY),
             # Lets a resume name the differing fields before DeepSpeed reads any tensor (no shape traceback).
             MODEL_CONFIG_KEY: client_state.get(MODEL_CONFIG_KEY),

@@ -8,7 +8,7 @@ unknown or mistyped key fails at composition time, naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from attnres_train.data.config import DataConfig
 from attnres_train.model.config import ModelConfig
@@ -51,7 +51,10 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
-    zero_stage: int = 0  # DeepSpeed ZeRO stage 0 | 1 | 2 | 3
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0 | 1 | 2 | 3 (at most 1 with pipeline stages)
+    pipeline_stages: int = 1  # >1: DeepSpeed pipeline parallelism; data parallelism fills the remaining ranks
+    pipeline_boundaries: Optional[List[int]] = None  # decoder layers before each stage after the first (default: partitioner)
+    pipeline_partition_tolerance: float = 0.05  # slack on the slowest stage the partitioner may spend to cut on AttnRes blocks
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last
 
@@ -100,6 +103,17 @@ def validate_train(train: TrainConfig) -> None:
 def validate_parallel(parallel: ParallelConfig) -> None:
     if parallel.zero_stage not in (0, 1, 2, 3):
         raise RunConfigError(f"parallel.zero_stage={parallel.zero_stage!r}: expected 0, 1, 2 or 3")
+    if parallel.pipeline_stages < 1:
+        raise RunConfigError(f"parallel.pipeline_stages={parallel.pipeline_stages}: expected an integer >= 1")
+    if parallel.pipeline_stages > 1 and parallel.zero_stage > 1:
+        raise RunConfigError(
+            f"parallel.zero_stage={parallel.zero_stage} with parallel.pipeline_stages={parallel.pipeline_stages}: "
+            "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only"
+        )
+    if parallel.pipeline_partition_tolerance < 0:
+        raise RunConfigError(
+            f"parallel.pipeline_partition_tolerance={parallel.pipeline_partition_tolerance}: expected a float >= 0"
+        )
     if parallel.dist_backend not in ("auto", "nccl", "gloo"):
         raise RunConfigError(f"parallel.dist_backend={parallel.dist_backend!r}: expected auto, nccl or gloo")
 

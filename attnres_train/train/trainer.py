@@ -126,6 +126,13 @@ class Trainer:
             torch.set_num_threads(train.num_threads)
         ctx = setup_distributed(self.parallel_cfg, train)
         precision = resolve_precision(train, ctx.device)
+        stages = self.parallel_cfg.pipeline_stages
+        if ctx.world_size % stages:
+            raise RunConfigError(
+                f"parallel.pipeline_stages={stages}: must divide the number of processes ({ctx.world_size})"
+            )
+        # DeepSpeed's pipe x data topology numbers ranks data-fastest: rank = stage * dp_world + dp_rank.
+        dp_world, dp_rank = ctx.world_size // stages, ctx.rank % (ctx.world_size // stages)
 
         tokenizer = build_tokenizer(self.data_cfg)
         if self.model_cfg.vocab_size < tokenizer.vocab_size:
@@ -138,8 +145,8 @@ class Trainer:
             self.data_cfg,
             tokenizer,
             micro_batch_size=train.micro_batch_size,
-            dp_rank=ctx.rank,
-            dp_world_size=ctx.world_size,
+            dp_rank=dp_rank,
+            dp_world_size=dp_world,
             seed=train.seed,
             val_num_batches=train.val_batches,
         )
@@ -155,7 +162,7 @@ class Trainer:
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
-        if train.activation_checkpointing:
+        if train.activation_checkpointing and stages == 1:
             from .activation_checkpointing import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
@@ -169,15 +176,29 @@ class Trainer:
         # Counted before DeepSpeed wraps the model: ZeRO-3 partitions parameters in place (numel 0 per rank).
         accounting = describe(model, self.data_cfg.seq_len)
         flops_per_token = accounting["train_flops_per_token"]
-        tokens_per_step = train.micro_batch_size * train.grad_accum_steps * ctx.world_size * self.data_cfg.seq_len
+        tokens_per_step = train.micro_batch_size * train.grad_accum_steps * dp_world * self.data_cfg.seq_len
         total_steps = target_steps(train, flops_per_token, tokens_per_step)
-        optimizer = build_optimizer(model, self.optim_cfg)
+        trained_module, moe_layers = model, model.moe_layers()
+        if stages > 1:
+            trained_module = self._pipeline_module(model)
+            from attnres_train.parallel.pipeline import local_moe_layers
+
+            moe_layers = local_moe_layers(trained_module)
+        optimizer = build_optimizer(trained_module, self.optim_cfg)
         lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=total_steps)
-        ds_config = deepspeed_config(train, self.parallel_cfg, self.optim_cfg.grad_clip, precision, ctx.world_size)
-        engine = initialize_engine(model, optimizer, lr_scheduler, ds_config)
+        ds_config = deepspeed_config(train, self.parallel_cfg, self.optim_cfg.grad_clip, precision, dp_world)
+        engine = initialize_engine(trained_module, optimizer, lr_scheduler, ds_config)
+        dp_group = engine.grid.get_data_parallel_group() if stages > 1 else None
 
         step, tokens_seen = 0, 0
         if resume_tag is not None:
+            saved_stages = (checkpoints.read_marker(resume_tag) or {}).get("pipeline_stages", 1)
+            if saved_stages != stages:
+                raise CheckpointError(
+                    f"checkpoint {checkpoints.root_dir / resume_tag} was saved with parallel.pipeline_stages="
+                    f"{saved_stages}; resuming it with parallel.pipeline_stages={stages} is not supported yet "
+                    f"(resume with parallel.pipeline_stages={saved_stages})"
+                )
             client_state = checkpoints.load(engine, tag=resume_tag)
             step = int(client_state["step"])
             tokens_seen = int(client_state["tokens_seen"])
@@ -222,10 +243,14 @@ class Trainer:
         try:
             window_start = time.perf_counter()
             window_steps = 0
+            pipeline_batches = _pipeline_batches(train_loader, ctx.device)
             while step < total_steps:
                 engine.train()
                 step_loss, step_aux, grad_norm = 0.0, 0.0, None
-                for _ in range(train.grad_accum_steps):
+                if stages > 1:
+                    # The pipeline loss already contains the MoE aux losses carried across the stages.
+                    step_loss = float(engine.train_batch(data_iter=pipeline_batches))
+                for _ in range(train.grad_accum_steps if stages == 1 else 0):
                     batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
                     out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
                     lm_loss = language_model_loss(out.logits, batch["labels"])
@@ -238,7 +263,7 @@ class Trainer:
                 step += 1
                 tokens_seen += tokens_per_step
                 window_steps += 1
-                moe_stats = self._update_moe_balance(model, ctx)
+                moe_stats = self._update_moe_balance(moe_layers, ctx, dp_group)
                 last_loss = ctx.mean_over_ranks(step_loss)
 
                 if step % train.log_every == 0 or step == total_steps:
@@ -264,9 +289,14 @@ class Trainer:
 
                 validation_due = train.val_every and (step % train.val_every == 0 or step == total_steps)
                 if validation_due and val_loader is not None and train.val_batches > 0:
-                    last_val = self._validate(
-                        engine, model, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
-                    )
+                    if stages > 1:
+                        last_val = self._validate_pipeline(
+                            engine, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
+                        )
+                    else:
+                        last_val = self._validate(
+                            engine, model, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
+                        )
                     window_start = time.perf_counter()
                     window_steps = 0
 
@@ -337,6 +367,7 @@ class Trainer:
             "tokens_seen": tokens_seen,
             "train_loader": train_loader.state_dict(),
             "world_size": ctx.world_size,
+            "pipeline_stages": self.parallel_cfg.pipeline_stages,
             **model_config_state(self.model_cfg.to_dict()),
         }
         checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()})
@@ -352,15 +383,18 @@ class Trainer:
 
     @staticmethod
     @torch.no_grad()
-    def _update_moe_balance(model, ctx: DistributedContext) -> dict:
-        """Once per optimizer step: all ranks update every expert bias from the globally observed load."""
-        layers = model.moe_layers()
+    def _update_moe_balance(layers: list, ctx: DistributedContext, dp_group=None) -> dict:
+        """Once per optimizer step: every rank updates the expert biases of its MoE layers from the load seen by
+        all data-parallel replicas of those layers (``dp_group``: the replicas of this pipeline stage)."""
         if not layers:
             return {}
         violations = []
         for moe in layers:
             counts = moe.tokens_per_expert.detach().clone().to(ctx.device)
-            ctx.all_reduce_sum_(counts)
+            if dp_group is not None:
+                torch.distributed.all_reduce(counts, group=dp_group)
+            else:
+                ctx.all_reduce_sum_(counts)
             stats = moe.update_expert_bias(counts)
             violations.append(float(stats.get("max_violation", float("nan"))))
         finite = [v for v in violations if math.isfinite(v)]
@@ -368,6 +402,31 @@ class Trainer:
             "max_violation_mean": sum(finite) / len(finite) if finite else None,
             "max_violation_per_layer": violations,
         }
+
+    def _pipeline_module(self, model):
+        from attnres_train.parallel.pipeline import build_pipeline_module
+
+        try:
+            return build_pipeline_module(
+                model,
+                self.parallel_cfg.pipeline_stages,
+                self.data_cfg.seq_len,
+                boundaries=self.parallel_cfg.pipeline_boundaries,
+                partition_tolerance=self.parallel_cfg.pipeline_partition_tolerance,
+                activation_checkpoint_interval=1 if self.train_cfg.activation_checkpointing else 0,
+            )
+        except ValueError as exc:  # bad stage counts / boundaries: a config error, already naming the field
+            raise RunConfigError(str(exc)) from exc
+
+    def _validate_pipeline(self, engine, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
+        batches = list(_pipeline_batches(val_loader, ctx.device))
+        if not batches:
+            return None
+        val_loss = float(engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
+        engine.train()
+        logger.log({"step": step, "tokens": tokens_seen, "flops": flops, "val_loss": val_loss})
+        logger.message(f"step {step}: val_loss={val_loss:.4f}")
+        return val_loss
 
     def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
         engine.eval()
@@ -426,6 +485,16 @@ def _grad_norm(engine) -> Optional[float]:
         return None
     norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
     return norm if math.isfinite(norm) else None
+
+
+def _pipeline_batches(loader, device: torch.device):
+    """The ``((input_ids, doc_ids), labels)`` micro-batches DeepSpeed's pipeline engine draws (first and last
+    stage only)."""
+    for batch in loader:
+        yield (
+            (batch["input_ids"].to(device, non_blocking=True), batch["doc_ids"].to(device, non_blocking=True)),
+            batch["labels"].to(device, non_blocking=True),
+        )
 
 
 def _unclipped_grad_norm_if_untracked(engine) -> Optional[float]:

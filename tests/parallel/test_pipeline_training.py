@@ -1,0 +1,80 @@
+"""`attnres-train` with `parallel.pipeline_stages=2` under torchrun on CPU (gloo): the trainer drives DeepSpeed's
+pipeline engine, matches one process on the same global batch, and resumes exactly under pipelining."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+from cli_helpers import check_ok, complete_checkpoints, run, run_train, torchrun_command, train_records  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ARGS = (
+    "model=tiny",
+    "model.moe_aux_loss_coef=0.0",
+    "data.seq_len=64",
+    "train.device=cpu",
+    "train.precision=fp32",
+    "train.micro_batch_size=2",
+    "train.grad_accum_steps=2",
+    "train.val_batches=1",
+    "train.val_every=2",
+    "train.log_every=1",
+    "train.progress_bar=false",
+    "optim.warmup_steps=1",
+    "optim.schedule=constant",
+    "parallel=zero1",
+)
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-5, abs_tol=0.0)
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipe_single")
+    run_dir = root / "run"
+    check_ok(run_train([*ARGS, f"run_dir={run_dir}", "train.max_steps=4"], cwd=root))
+    return run_dir
+
+
+def _pipeline(root: Path, run_dir: Path, steps: int, *extra: str):
+    return run(torchrun_command(2, [*ARGS, "parallel.pipeline_stages=2", f"run_dir={run_dir}",
+                                    f"train.max_steps={steps}", *extra]), cwd=root)
+
+
+def test_two_stage_pipeline_matches_one_process_and_resumes_exactly(single_process_run, tmp_path):
+    expected = train_records(single_process_run)
+    straight_dir = tmp_path / "straight"
+    check_ok(_pipeline(tmp_path, straight_dir, 4))
+    straight = train_records(straight_dir)
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    for got, want in zip(straight, expected):
+        assert got["tokens"] == want["tokens"] and got["lr"] == want["lr"]
+        assert _close(got["loss"], want["loss"]), (got["step"], got["loss"], want["loss"])
+    val = [r for r in (straight_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
+    assert len(val) == 2
+
+    resumed_dir = tmp_path / "resumed"
+    check_ok(_pipeline(tmp_path, resumed_dir, 2))
+    assert complete_checkpoints(resumed_dir) == ["step_00000002"]
+    result = check_ok(_pipeline(tmp_path, resumed_dir, 4))
+    assert "resumed_from=step_00000002" in result.stdout
+    assert [r["loss"] for r in train_records(resumed_dir)] == [r["loss"] for r in straight]
+
+    # A pipeline checkpoint resumed with another stage count is refused with the reason, not a traceback.
+    refused = run_train([*ARGS, f"run_dir={resumed_dir}", "train.max_steps=6"], cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "parallel.pipeline_stages=2" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_pipeline_rejects_zero2_and_stage_counts_that_do_not_divide(tmp_path):
+    bad_zero = run_train([*ARGS, "parallel=zero2", "parallel.pipeline_stages=2", f"run_dir={tmp_path / 'a'}"],
+                         cwd=tmp_path)
+    assert bad_zero.returncode != 0 and "parallel.zero_stage" in bad_zero.stderr
+    bad_split = run_train([*ARGS, "parallel.pipeline_stages=2", f"run_dir={tmp_path / 'b'}"], cwd=tmp_path)
+    assert bad_split.returncode != 0 and "parallel.pipeline_stages=2" in bad_split.stderr
