@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from cli_helpers import check_ok, complete_checkpoints, run, run_train, torchrun_command, train_records  # noqa: E402
@@ -58,6 +59,15 @@ def test_two_stage_pipeline_matches_one_process_and_resumes_exactly(single_proce
         assert _close(got["loss"], want["loss"]), (got["step"], got["loss"], want["loss"])
     val = [r for r in (straight_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
     assert len(val) == 2
+
+    # Exported, the pipeline checkpoint is the plain model the single process trained (same trajectory).
+    from attnres_train.train.export import exported_state
+
+    pipe_cfg, pipe_state = exported_state(straight_dir / "checkpoints" / "step_00000004")
+    plain_cfg, plain_state = exported_state(single_process_run / "checkpoints" / "step_00000004")
+    assert pipe_cfg == plain_cfg and pipe_state.keys() == plain_state.keys()
+    for key, value in plain_state.items():
+        torch.testing.assert_close(pipe_state[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
     resumed_dir = tmp_path / "resumed"
     check_ok(_pipeline(tmp_path, resumed_dir, 2))
