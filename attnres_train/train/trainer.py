@@ -213,6 +213,8 @@ class Trainer:
                 _supersede_metrics_after(self.run_dir / "metrics.jsonl", step)
             summary = {**accounting, "tokens_per_step": tokens_per_step, "total_steps": total_steps,
                        "flops_budget": train.flops_budget}
+            if stages > 1:
+                summary["pipeline"] = self._pipeline_traffic(model, precision)
             (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             _write_resolved_config(self.run_dir / RESOLVED_CONFIG_NAME, self.resolved_config)
             clear_marker(self.run_dir, FAILED_NAME)
@@ -417,6 +419,36 @@ class Trainer:
             )
         except ValueError as exc:  # bad stage counts / boundaries: a config error, already naming the field
             raise RunConfigError(str(exc)) from exc
+
+    def _pipeline_traffic(self, model, precision: str) -> dict:
+        """Stage layout and the activation bytes each stage boundary sends per micro-batch (forward; backward
+        returns as many gradient bytes)."""
+        from attnres_train.parallel.pipeline import describe_partition
+        from attnres_train.parallel.pipeline_partition import boundary_bytes, boundary_tensor_count
+
+        cfg, par = model.config, self.parallel_cfg
+        partition = describe_partition(
+            model, par.pipeline_stages, self.data_cfg.seq_len, par.pipeline_boundaries, par.pipeline_partition_tolerance
+        )
+        element = 2 if precision == "bf16" else 4
+        boundaries = [
+            {
+                "layers_before": layers,
+                "on_block_boundary": on_block,
+                "tensors": boundary_tensor_count(cfg.residual, cfg.attnres_block_size, layers),
+                "bytes_per_micro_batch": boundary_bytes(
+                    cfg.residual, cfg.attnres_block_size, layers, self.train_cfg.micro_batch_size,
+                    self.data_cfg.seq_len, cfg.hidden_size, element,
+                ),
+            }
+            for layers, on_block in zip(partition.boundaries, partition.on_block_boundary)
+        ]
+        return {
+            "stages": par.pipeline_stages,
+            "stage_layers": [len(r) for r in partition.stage_layers(cfg.num_layers)],
+            "stage_forward_flops_per_token": list(partition.stage_flops),
+            "boundaries": boundaries,
+        }
 
     def _validate_pipeline(self, engine, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
         batches = list(_pipeline_batches(val_loader, ctx.device))

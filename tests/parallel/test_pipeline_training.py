@@ -1,6 +1,7 @@
 """`attnres-train` with `parallel.pipeline_stages=2` under torchrun on CPU (gloo): the trainer drives DeepSpeed's
 pipeline engine, matches one process on the same global batch, and resumes exactly under pipelining."""
 
+import json
 import math
 import sys
 from pathlib import Path
@@ -59,6 +60,11 @@ def test_two_stage_pipeline_matches_one_process_and_resumes_exactly(single_proce
         assert _close(got["loss"], want["loss"]), (got["step"], got["loss"], want["loss"])
     val = [r for r in (straight_dir / "metrics.jsonl").read_text().splitlines() if "val_loss" in r]
     assert len(val) == 2
+    traffic = json.loads((straight_dir / "model_summary.json").read_text())["pipeline"]
+    assert traffic["stages"] == 2 and sum(traffic["stage_layers"]) == 4
+    (boundary,) = traffic["boundaries"]
+    # fp32, micro-batch 2 x 64 tokens, hidden 64: tensors x B x T x D x 4 bytes
+    assert boundary["bytes_per_micro_batch"] == boundary["tensors"] * 2 * 64 * 64 * 4
 
     # Exported, the pipeline checkpoint is the plain model the single process trained (same trajectory).
     from attnres_train.train.export import exported_state
