@@ -45,6 +45,7 @@ from .config import (
 from .engine import DistributedContext, deepspeed_config, initialize_engine, resolve_precision, setup_distributed
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer
+from .pipelined import build_stage_module, pipeline_batches, pipeline_traffic, pipeline_validation_loss
 from .rng import capture_rng_state, restore_rng_state
 from .run_state import (
     FAILED_NAME,
@@ -180,7 +181,9 @@ class Trainer:
         total_steps = target_steps(train, flops_per_token, tokens_per_step)
         trained_module, moe_layers = model, model.moe_layers()
         if stages > 1:
-            trained_module = self._pipeline_module(model)
+            trained_module = build_stage_module(
+                model, self.parallel_cfg, self.data_cfg.seq_len, train.activation_checkpointing
+            )
             from attnres_train.parallel.pipeline import local_moe_layers
 
             moe_layers = local_moe_layers(trained_module)
@@ -214,7 +217,9 @@ class Trainer:
             summary = {**accounting, "tokens_per_step": tokens_per_step, "total_steps": total_steps,
                        "flops_budget": train.flops_budget}
             if stages > 1:
-                summary["pipeline"] = self._pipeline_traffic(model, precision)
+                summary["pipeline"] = pipeline_traffic(
+                    model, self.parallel_cfg, self.data_cfg.seq_len, train.micro_batch_size, precision
+                )
             (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             _write_resolved_config(self.run_dir / RESOLVED_CONFIG_NAME, self.resolved_config)
             clear_marker(self.run_dir, FAILED_NAME)
@@ -245,13 +250,13 @@ class Trainer:
         try:
             window_start = time.perf_counter()
             window_steps = 0
-            pipeline_batches = _pipeline_batches(train_loader, ctx.device)
+            train_batches = pipeline_batches(train_loader, ctx.device)
             while step < total_steps:
                 engine.train()
                 step_loss, step_aux, grad_norm = 0.0, 0.0, None
                 if stages > 1:
                     # The pipeline loss already contains the MoE aux losses carried across the stages.
-                    step_loss = float(engine.train_batch(data_iter=pipeline_batches))
+                    step_loss = float(engine.train_batch(data_iter=train_batches))
                 for _ in range(train.grad_accum_steps if stages == 1 else 0):
                     batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
                     out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
@@ -292,9 +297,11 @@ class Trainer:
                 validation_due = train.val_every and (step % train.val_every == 0 or step == total_steps)
                 if validation_due and val_loader is not None and train.val_batches > 0:
                     if stages > 1:
-                        last_val = self._validate_pipeline(
-                            engine, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
-                        )
+                        last_val = pipeline_validation_loss(engine, val_loader, ctx.device)
+                        if last_val is not None:
+                            logger.log({"step": step, "tokens": tokens_seen,
+                                        "flops": tokens_seen * flops_per_token, "val_loss": last_val})
+                            logger.message(f"step {step}: val_loss={last_val:.4f}")
                     else:
                         last_val = self._validate(
                             engine, model, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
@@ -405,61 +412,6 @@ class Trainer:
             "max_violation_per_layer": violations,
         }
 
-    def _pipeline_module(self, model):
-        from attnres_train.parallel.pipeline import build_pipeline_module
-
-        try:
-            return build_pipeline_module(
-                model,
-                self.parallel_cfg.pipeline_stages,
-                self.data_cfg.seq_len,
-                boundaries=self.parallel_cfg.pipeline_boundaries,
-                partition_tolerance=self.parallel_cfg.pipeline_partition_tolerance,
-                activation_checkpoint_interval=1 if self.train_cfg.activation_checkpointing else 0,
-            )
-        except ValueError as exc:  # bad stage counts / boundaries: a config error, already naming the field
-            raise RunConfigError(str(exc)) from exc
-
-    def _pipeline_traffic(self, model, precision: str) -> dict:
-        """Stage layout and the activation bytes each stage boundary sends per micro-batch (forward; backward
-        returns as many gradient bytes)."""
-        from attnres_train.parallel.pipeline import describe_partition
-        from attnres_train.parallel.pipeline_partition import boundary_bytes, boundary_tensor_count
-
-        cfg, par = model.config, self.parallel_cfg
-        partition = describe_partition(
-            model, par.pipeline_stages, self.data_cfg.seq_len, par.pipeline_boundaries, par.pipeline_partition_tolerance
-        )
-        element = 2 if precision == "bf16" else 4
-        boundaries = [
-            {
-                "layers_before": layers,
-                "on_block_boundary": on_block,
-                "tensors": boundary_tensor_count(cfg.residual, cfg.attnres_block_size, layers),
-                "bytes_per_micro_batch": boundary_bytes(
-                    cfg.residual, cfg.attnres_block_size, layers, self.train_cfg.micro_batch_size,
-                    self.data_cfg.seq_len, cfg.hidden_size, element,
-                ),
-            }
-            for layers, on_block in zip(partition.boundaries, partition.on_block_boundary)
-        ]
-        return {
-            "stages": par.pipeline_stages,
-            "stage_layers": [len(r) for r in partition.stage_layers(cfg.num_layers)],
-            "stage_forward_flops_per_token": list(partition.stage_flops),
-            "boundaries": boundaries,
-        }
-
-    def _validate_pipeline(self, engine, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
-        batches = list(_pipeline_batches(val_loader, ctx.device))
-        if not batches:
-            return None
-        val_loss = float(engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
-        engine.train()
-        logger.log({"step": step, "tokens": tokens_seen, "flops": flops, "val_loss": val_loss})
-        logger.message(f"step {step}: val_loss={val_loss:.4f}")
-        return val_loss
-
     def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
         engine.eval()
         total_loss = torch.zeros(2, dtype=torch.float64, device=ctx.device)
@@ -517,16 +469,6 @@ def _grad_norm(engine) -> Optional[float]:
         return None
     norm = float(norm.item() if isinstance(norm, torch.Tensor) else norm)
     return norm if math.isfinite(norm) else None
-
-
-def _pipeline_batches(loader, device: torch.device):
-    """The ``((input_ids, doc_ids), labels)`` micro-batches DeepSpeed's pipeline engine draws (first and last
-    stage only)."""
-    for batch in loader:
-        yield (
-            (batch["input_ids"].to(device, non_blocking=True), batch["doc_ids"].to(device, non_blocking=True)),
-            batch["labels"].to(device, non_blocking=True),
-        )
 
 
 def _unclipped_grad_norm_if_untracked(engine) -> Optional[float]:
