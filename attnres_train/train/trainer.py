@@ -195,13 +195,6 @@ class Trainer:
 
         step, tokens_seen = 0, 0
         if resume_tag is not None:
-            saved_stages = (checkpoints.read_marker(resume_tag) or {}).get("pipeline_stages", 1)
-            if saved_stages != stages:
-                raise CheckpointError(
-                    f"checkpoint {checkpoints.root_dir / resume_tag} was saved with parallel.pipeline_stages="
-                    f"{saved_stages}; resuming it with parallel.pipeline_stages={stages} is not supported yet "
-                    f"(resume with parallel.pipeline_stages={saved_stages})"
-                )
             client_state = checkpoints.load(engine, tag=resume_tag)
             step = int(client_state["step"])
             tokens_seen = int(client_state["tokens_seen"])
@@ -257,16 +250,17 @@ class Trainer:
                 if stages > 1:
                     # The pipeline loss already contains the MoE aux losses carried across the stages.
                     step_loss = float(engine.train_batch(data_iter=train_batches))
-                for _ in range(train.grad_accum_steps if stages == 1 else 0):
-                    batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
-                    out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
-                    lm_loss = language_model_loss(out.logits, batch["labels"])
-                    engine.backward(lm_loss + out.aux_loss)
-                    if engine.is_gradient_accumulation_boundary():
-                        grad_norm = _unclipped_grad_norm_if_untracked(engine)
-                    engine.step()
-                    step_loss += lm_loss.item() / train.grad_accum_steps
-                    step_aux += float(out.aux_loss.item()) / train.grad_accum_steps
+                else:
+                    for _ in range(train.grad_accum_steps):
+                        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
+                        out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
+                        lm_loss = language_model_loss(out.logits, batch["labels"])
+                        engine.backward(lm_loss + out.aux_loss)
+                        if engine.is_gradient_accumulation_boundary():
+                            grad_norm = _unclipped_grad_norm_if_untracked(engine)
+                        engine.step()
+                        step_loss += lm_loss.item() / train.grad_accum_steps
+                        step_aux += float(out.aux_loss.item()) / train.grad_accum_steps
                 step += 1
                 tokens_seen += tokens_per_step
                 window_steps += 1
@@ -358,6 +352,14 @@ class Trainer:
                 config_fingerprint(self.model_cfg.to_dict()),
                 current_model_config={"model": self.model_cfg.to_dict()},
             )
+            saved_stages = marker.get("pipeline_stages", 1)
+            stages = self.parallel_cfg.pipeline_stages
+            if saved_stages != stages:
+                raise CheckpointError(
+                    f"checkpoint {checkpoints.root_dir / tag} was saved with parallel.pipeline_stages="
+                    f"{saved_stages}; resuming it with parallel.pipeline_stages={stages} is not supported yet "
+                    f"(resume with parallel.pipeline_stages={saved_stages})"
+                )
         return tag
 
     @staticmethod
