@@ -400,6 +400,8 @@ class CheckpointManager:
             "saved_at": datetime.fromtimestamp(now, timezone.utc).isoformat(),
             "world_size": self.world_size,
             "pipeline_stages": client_state.get("pipeline_stages", 1),
+            "zero_stage": client_state.get("zero_stage"),
+            "precision": client_state.get("precision"),
             "config_fingerprint": client_state.get(FINGERPRINT_KEY),
             # Lets a resume name the differing fields before DeepSpeed reads any tensor (no shape traceback).
             MODEL_CONFIG_KEY: client_state.get(MODEL_CONFIG_KEY),
@@ -468,9 +470,12 @@ class CheckpointManager:
                 return f"{path} (corrupt entry {bad_member})"
         return None
 
-    def load(self, engine: Any, tag: Optional[str] = None) -> Optional[dict]:
+    def load(self, engine: Any, tag: Optional[str] = None,
+             restore: Optional[Callable[[Any, Path], dict]] = None) -> Optional[dict]:
         """Load the given (or newest) complete checkpoint into ``engine``, with optimizer and LR scheduler state.
 
+        ``restore(engine, tag_dir)`` replaces DeepSpeed's own load and returns the client state (used to resume
+        under another parallel layout, see ``reshard``); the file checks and error reporting stay the same.
         Returns the ``client_state`` passed to ``save``, or None when root_dir holds no complete checkpoint.
         Raises CheckpointError naming the path when the tag is incomplete, or a file is missing or corrupt; the
         engine may then be partly loaded and should not be trained further.
@@ -483,8 +488,14 @@ class CheckpointManager:
         tag_dir = self.root_dir / tag
         self._check_files(tag_dir, marker)
         try:
-            load_path, saved_state = engine.load_checkpoint(
-                str(self.root_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+            if restore is not None:
+                client_state = restore(engine, tag_dir)
+                load_path, saved_state = tag_dir, {CLIENT_STATE_KEY: client_state}
+            else:
+                load_path, saved_state = engine.load_checkpoint(
+                    str(self.root_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        except CheckpointError:
+            raise
         except Exception as error:
             culprit = self._find_unreadable_file(tag_dir, marker)
             raise CheckpointError(

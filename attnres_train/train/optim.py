@@ -226,6 +226,14 @@ def describe_param_groups(model: nn.Module, cfg: OptimConfig) -> dict[str, list[
     return {group: [name for name, _ in members] for group, members in _assign_groups(model, cfg).items()}
 
 
+def param_group_names(model: nn.Module, cfg: OptimConfig) -> list[list[str]]:
+    """The parameter names of each group ``build_optimizer(model, cfg)`` creates, in its ``param_groups``
+    order (what a torch optimizer's ``state_dict`` numbers ``0..N-1``); checkpoints record it so optimizer state
+    can be matched by name when a run resumes under another layout."""
+    assigned = _assign_groups(model, cfg)
+    return [[name for name, _ in assigned[group]] for group in GROUP_NAMES if assigned[group]]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Optimizers
 # ----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ state continues the run as if it had never stopped.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -44,8 +45,9 @@ from .config import (
 )
 from .engine import DistributedContext, deepspeed_config, initialize_engine, resolve_precision, setup_distributed
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
-from .optim import OptimConfig, build_optimizer
+from .optim import OptimConfig, build_optimizer, param_group_names
 from .pipelined import build_stage_module, pipeline_batches, pipeline_traffic, pipeline_validation_loss
+from .reshard import OPTIMIZER_NAMES_KEY, pipeline_to_model_name
 from .rng import capture_rng_state, restore_rng_state
 from .run_state import (
     FAILED_NAME,
@@ -57,6 +59,8 @@ from .run_state import (
     write_json_atomic,
 )
 from .schedule import build_lr_scheduler
+
+_log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 
@@ -159,7 +163,7 @@ class Trainer:
             world_size=ctx.world_size,
             barrier=ctx.barrier,
         )
-        resume_tag = self._resume_target(checkpoints)
+        resume_tag, resume_stages = self._resume_target(checkpoints, precision)
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
@@ -195,7 +199,10 @@ class Trainer:
 
         step, tokens_seen = 0, 0
         if resume_tag is not None:
-            client_state = checkpoints.load(engine, tag=resume_tag)
+            restore = None
+            if resume_stages is not None:  # saved under another layout: read it by parameter name
+                restore = self._layout_change_restore(resume_stages, stages)
+            client_state = checkpoints.load(engine, tag=resume_tag, restore=restore)
             step = int(client_state["step"])
             tokens_seen = int(client_state["tokens_seen"])
             train_loader.load_state_dict(client_state["train_loader"])
@@ -306,7 +313,7 @@ class Trainer:
                 stopped_by = self._agreed_stop(stop, ctx)
                 periodic = train.checkpoint_every and step % train.checkpoint_every == 0
                 if periodic or step == total_steps or stopped_by:
-                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader)
+                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader, precision)
                     window_start = time.perf_counter()
                     window_steps = 0
                 if stopped_by:
@@ -331,10 +338,12 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------------
-    def _resume_target(self, checkpoints: CheckpointManager) -> Optional[str]:
+    def _resume_target(self, checkpoints: CheckpointManager, precision: str) -> tuple[Optional[str], Optional[int]]:
+        """The tag to resume from, and the pipeline stage count it was saved with when it was saved under another
+        parallel layout (stage count, ZeRO stage or precision), else None."""
         mode = self.train_cfg.resume
         if mode == "never":
-            return None
+            return None, None
         if mode == "auto":
             latest = checkpoints.latest()
             tag = latest[0] if latest is not None else None
@@ -352,15 +361,37 @@ class Trainer:
                 config_fingerprint(self.model_cfg.to_dict()),
                 current_model_config={"model": self.model_cfg.to_dict()},
             )
-            saved_stages = marker.get("pipeline_stages", 1)
-            stages = self.parallel_cfg.pipeline_stages
-            if saved_stages != stages:
-                raise CheckpointError(
-                    f"checkpoint {checkpoints.root_dir / tag} was saved with parallel.pipeline_stages="
-                    f"{saved_stages}; resuming it with parallel.pipeline_stages={stages} is not supported yet "
-                    f"(resume with parallel.pipeline_stages={saved_stages})"
-                )
-        return tag
+            saved = {"parallel.pipeline_stages": marker.get("pipeline_stages", 1),
+                     "parallel.zero_stage": marker.get("zero_stage"), "train.precision": marker.get("precision")}
+            current = {"parallel.pipeline_stages": self.parallel_cfg.pipeline_stages,
+                       "parallel.zero_stage": self.parallel_cfg.zero_stage, "train.precision": precision}
+            # Checkpoints from before the ZeRO stage and precision were recorded: only the stage count is known.
+            changed = [key for key, value in saved.items() if value is not None and value != current[key]]
+            if changed:
+                if 3 in (saved["parallel.zero_stage"], current["parallel.zero_stage"]):
+                    raise CheckpointError(
+                        f"checkpoint {checkpoints.root_dir / tag} was saved with "
+                        f"{', '.join(f'{key}={saved[key]}' for key in changed)}; a layout change to or from "
+                        f"ZeRO-3 is not supported (resume with "
+                        f"{', '.join(f'{key}={saved[key]}' for key in changed)})"
+                    )
+                _log.warning(
+                    "checkpoint %s was saved with %s; this run has %s: resuming it by parameter name",
+                    checkpoints.root_dir / tag, ", ".join(f"{key}={saved[key]}" for key in changed),
+                    ", ".join(f"{key}={current[key]}" for key in changed))
+                return tag, saved["parallel.pipeline_stages"]
+        return tag, None
+
+    def _layout_change_restore(self, saved_stages: int, stages: int):
+        from .reshard import SavedTrainingState, restore_engine
+
+        num_layers = self.model_cfg.num_layers
+        to_model_name = self._to_model_name(stages)
+
+        def restore(engine, tag_dir):
+            return restore_engine(engine, SavedTrainingState(tag_dir, saved_stages, num_layers), to_model_name)
+
+        return restore
 
     @staticmethod
     def _explicit_resume_tag(checkpoints: CheckpointManager, mode: str) -> str:
@@ -372,13 +403,25 @@ class Trainer:
             )
         return target.name
 
-    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader):
+    def _to_model_name(self, stages: int):
+        """Translation of the trained module's parameter names to the plain model's."""
+        return pipeline_to_model_name(self.model_cfg.num_layers) if stages > 1 else (lambda name: name)
+
+    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, precision):
+        stages = self.parallel_cfg.pipeline_stages
+        to_model_name = self._to_model_name(stages)
         client_state = {
             "step": step,
             "tokens_seen": tokens_seen,
             "train_loader": train_loader.state_dict(),
             "world_size": ctx.world_size,
-            "pipeline_stages": self.parallel_cfg.pipeline_stages,
+            "pipeline_stages": stages,
+            "zero_stage": self.parallel_cfg.zero_stage,
+            "precision": precision,
+            # This rank's optimizer order (its stage's, under pipelining; DeepSpeed stores each stage's client
+            # state with that stage's files): lets another layout match unpartitioned optimizer state by name.
+            OPTIMIZER_NAMES_KEY: [[to_model_name(name) for name in group]
+                                  for group in param_group_names(engine.module, self.optim_cfg)],
             **model_config_state(self.model_cfg.to_dict()),
         }
         checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()})
