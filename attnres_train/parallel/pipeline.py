@@ -6,6 +6,12 @@ that wrap the decoder's OWN modules (no weight copies):
     index 0              EmbeddingStage(embed_tokens)             begins the residual stream
     index 1 .. L         DecoderLayerStage(layers[i - 1])         one per decoder layer
     index L + 1          OutputStage(final_attnres, final_norm, lm_head)
+    index L + 2          tied LM head (only with tie_embeddings)  logits from the embedding matrix
+
+With ``tie_embeddings`` the embedding is a DeepSpeed ``TiedLayerSpec`` (key ``"embed"``): the first and the last
+stage each hold a copy of the embedding matrix, DeepSpeed broadcasts it from the first stage at start and after
+loading, and sums the two stages' gradients of it before every optimizer step, so the copies stay equal. The
+output layer then stops at the final norm and the extra layer L + 2 applies the tied matrix.
 
 Stages are cut where ``partition_stages`` (``pipeline_partition.py``) says: compute-balanced, preferring AttnRes
 block boundaries. The embedding always lives in stage 0 and the output layer in the last stage.
@@ -25,8 +31,9 @@ configured), so the last slot must never hold data. Inside a stage the layers ha
 ``ResidualStream`` instead, so sources are stacked and their rstd recomputed only once per boundary.
 
 Parameter names: the pipeline's state dict (and DeepSpeed's ``layer_XX-model_states.pt`` files) use
-``{pipeline index}.{wrapper key}``; :func:`model_key` / :func:`pipeline_state_dict_to_model` map them back to
-the plain ``HybridDecoder`` names (``embed_tokens.*``, ``layers.{i}.*``, ``final_*``, ``lm_head.*``).
+``{pipeline index}.{wrapper key}`` (``tied_modules.embed.embed_tokens.weight`` for a tied embedding);
+:func:`model_key` / :func:`pipeline_name_to_model` / :func:`pipeline_state_dict_to_model` map them back to the
+plain ``HybridDecoder`` names (``embed_tokens.*``, ``layers.{i}.*``, ``final_*``, ``lm_head.*``).
 
 Activation checkpointing (``activation_checkpoint_interval > 0``) recomputes decoder layers only, with DeepSpeed's
 non-reentrant checkpoint; every layer then speaks the wire format. Recomputed MoE forwards count their routed
@@ -59,6 +66,8 @@ from attnres_train.parallel.pipeline_partition import (
 )
 
 IGNORE_INDEX = -100
+TIED_EMBEDDING_KEY = "embed"
+_TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,10 +175,11 @@ class EmbeddingStage(_PipelineLayer):
     Input: ``input_ids_BT`` or ``(input_ids_BT, doc_ids_BT)`` (int64).
     """
 
-    def __init__(self, model: HybridDecoder, codec: _WireCodec):
+    def __init__(self, model: HybridDecoder, codec: _WireCodec, emits_wire: bool = False):
         super().__init__(codec, layers_after=0)
         self.embed_tokens = model.embed_tokens
         self._strategy = model.residual
+        self.emits_wire = emits_wire  # given here too: DeepSpeed builds the tied copy from a spec
 
     def forward(self, inputs):
         if torch.is_tensor(inputs):
@@ -219,20 +229,28 @@ class DecoderLayerStage(_PipelineLayer):
 
 
 class OutputStage(_PipelineLayer):
-    """Last pipeline layer: final AttnRes mix, final norm, LM head. Returns ``(logits_BTV, aux_1)``."""
+    """Final AttnRes mix, final norm and LM head: returns ``(logits_BTV, aux_1)``. With tied embeddings the head
+    is the next pipeline layer (:func:`tied_lm_head`) and this one returns ``(normed_hidden_BTD, aux_1)``."""
 
     def __init__(self, model: HybridDecoder, codec: _WireCodec):
         super().__init__(codec, layers_after=model.config.num_layers)
         self.final_attnres = model.final_attnres
         self.final_norm = model.final_norm
-        self.lm_head = model.lm_head
+        self.lm_head = None if model.config.tie_embeddings else model.lm_head
         self._strategy = model.residual
 
     def forward(self, inputs):
         state = self._to_state(inputs, layers_before=self.layers_after)
-        h_BTD = self._strategy.final(state.stream, self.final_attnres)
-        logits_BTV = self.lm_head(self.final_norm(h_BTD))
-        return logits_BTV, state.aux_1
+        h_BTD = self.final_norm(self._strategy.final(state.stream, self.final_attnres))
+        if self.lm_head is None:
+            return h_BTD, state.aux_1
+        return self.lm_head(h_BTD), state.aux_1
+
+
+def tied_lm_head(embedding: EmbeddingStage, inputs: tuple[torch.Tensor, torch.Tensor]):
+    """The last pipeline layer of a tied model: logits from the (last stage's copy of the) embedding matrix."""
+    h_BTD, aux_1 = inputs
+    return F.linear(h_BTD, embedding.embed_tokens.weight), aux_1
 
 
 def pipeline_loss(outputs: tuple[torch.Tensor, torch.Tensor], labels_BT: torch.Tensor) -> torch.Tensor:
@@ -268,10 +286,11 @@ def _pipeline_module_class():
     return HybridDecoderPipe
 
 
-def pipeline_parts(partition: Partition, num_layers: int) -> list[int]:
+def pipeline_parts(partition: Partition, num_layers: int, tied_embeddings: bool = False) -> list[int]:
     """DeepSpeed ``parts`` (pipeline-layer offsets of each stage, len = stages + 1) for a decoder partition:
-    the embedding (pipeline index 0) joins stage 0 and the output layer (index L + 1) the last stage."""
-    return [0, *(b + 1 for b in partition.boundaries), num_layers + 2]
+    the embedding (pipeline index 0) joins stage 0 and the output layer (index L + 1, and the tied head L + 2)
+    the last stage."""
+    return [0, *(b + 1 for b in partition.boundaries), num_layers + 2 + int(tied_embeddings)]
 
 
 def build_pipeline_module(
@@ -299,20 +318,23 @@ def build_pipeline_module(
     if activation_checkpoint_interval < 0:
         raise ValueError(f"activation_checkpoint_interval={activation_checkpoint_interval}: expected an integer >= 0")
     cfg = model.config
-    if cfg.tie_embeddings and num_stages > 1:
-        raise ValueError(
-            "model.tie_embeddings=true cannot be split across pipeline stages (the embedding and LM head live on "
-            "different stages); untie the embeddings or use num_stages=1"
-        )
     partition = describe_partition(model, num_stages, seq_len, boundaries, partition_tolerance)
-    parts = pipeline_parts(partition, cfg.num_layers)
-    layers = pipeline_layers(model)
+    parts = pipeline_parts(partition, cfg.num_layers, cfg.tie_embeddings)
+    layers: list = pipeline_layers(model)
     for stage in range(num_stages):
         # With activation checkpointing DeepSpeed's checkpoint function only passes tensors between chunks, so
         # every layer speaks the wire format; otherwise only the last layer of each stage does.
-        for index in range(parts[stage], parts[stage + 1]):
+        for index in range(parts[stage], min(parts[stage + 1], len(layers))):
             layers[index].emits_wire = activation_checkpoint_interval > 0 or index == parts[stage + 1] - 1
+    from deepspeed.pipe import TiedLayerSpec
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+    if cfg.tie_embeddings:
+        codec = layers[0]._codec
+        tied = {"tied_weight_attr": ["embed_tokens.weight"]}
+        layers[0] = TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingStage, model, codec, emits_wire=layers[0].emits_wire,
+                                  **tied)
+        layers.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingStage, model, codec, forward_fn=tied_lm_head, **tied))
 
     pipe_cls = _pipeline_module_class()
     return pipe_cls(
@@ -376,13 +398,18 @@ def model_key(pipeline_index: int, layer_key: str, num_layers: int) -> str:
     return layer_key  # embedding and output wrappers use the model's own attribute names
 
 
+def pipeline_name_to_model(name: str, num_layers: int) -> str:
+    """Plain-model name of a PipelineModule parameter or buffer name (``"{index}.{key}"`` or a tied module's)."""
+    if name.startswith(_TIED_PREFIX):
+        return name[len(_TIED_PREFIX):]
+    index, _, key = name.partition(".")
+    return model_key(int(index), key, num_layers)
+
+
 def pipeline_state_dict_to_model(state_dict: dict, num_layers: int) -> dict:
-    """Map a PipelineModule state dict (``"{index}.{key}"``, possibly only one stage's) to model names."""
-    out = {}
-    for name, value in state_dict.items():
-        index, _, key = name.partition(".")
-        out[model_key(int(index), key, num_layers)] = value
-    return out
+    """Map a PipelineModule state dict (possibly only one stage's) to model names. A tied embedding appears
+    once, as ``embed_tokens.weight``; the plain model's ``lm_head.weight`` is the same tensor."""
+    return {pipeline_name_to_model(name, num_layers): value for name, value in state_dict.items()}
 
 
 def local_moe_layers(pipe_module) -> list[nn.Module]:

@@ -54,6 +54,8 @@ def exported_state(tag_dir: Path) -> tuple[dict, dict]:
         if not module:
             raise CheckpointError(f"{path}: holds no module weights (a ZeRO-3 checkpoint? use zero_to_fp32.py)")
         state = dict(module)
+    if model_cfg.get("tie_embeddings") and "embed_tokens.weight" in state:
+        state.setdefault("lm_head.weight", state["embed_tokens.weight"])  # a pipeline stores the tied matrix once
     return model_cfg, state
 
 

@@ -47,14 +47,10 @@ class ParameterState:
 
 
 def pipeline_to_model_name(num_layers: int) -> Callable[[str], str]:
-    """Name translation for a ``PipelineModule``'s parameters (``"{layer index}.{key}"``)."""
-    from attnres_train.parallel.pipeline import model_key
+    """Name translation for a ``PipelineModule``'s parameters (``"{layer index}.{key}"``, tied modules')."""
+    from attnres_train.parallel.pipeline import pipeline_name_to_model
 
-    def translate(name: str) -> str:
-        index, _, key = name.partition(".")
-        return model_key(int(index), key, num_layers)
-
-    return translate
+    return lambda name: pipeline_name_to_model(name, num_layers)
 
 
 def _identity(name: str) -> str:
