@@ -16,18 +16,72 @@ The final representation is one more mix over all sources with its own query and
 Because RMSNorm_l(v) = v * rstd(v) * g_l, the logit is rstd(v_i) * (v_i . (g_l * w_l)): the per-token rstd of
 each completed source is computed once when it enters the stream and reused by every later sublayer.
 
-Shape legend: N sources, B batch, T tokens, D hidden.
+Implementations (``model.attnres_impl``, resolved once per forward by :func:`resolve_attnres_impl`):
+  torch  one softmax mix per sublayer in plain torch (the reference; every device)
+  fla    one call of fla's Triton ``fused_attnres`` per sublayer (CUDA only)
+  fused  Block AttnRes in two phases (see ``attnres_kernels``): at the first sublayer of a block that runs here,
+         all sublayers of the block score the completed blocks together; each sublayer then merges its
+         partial-sum source. Triton kernels on CUDA, the same two phases in torch elsewhere. Full AttnRes has no
+         blocks and uses the torch mix under ``fused``.
+  auto   torch until the fused kernels have passed their GPU tests (``FUSED_KERNELS_VERIFIED_ON_GPU``), then
+         fused on CUDA and torch elsewhere.
+
+Shape legend: N sources, B batch, T tokens, D hidden, S queries of one block.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from .config import ATTNRES_IMPLS
 from .norms import compute_dtype
+
+# The fused Triton kernels have passed their tests only under Triton's CPU interpreter so far; ``auto`` keeps the
+# torch mix on CUDA until tests/kernels has run on a GPU (then set this to True).
+FUSED_KERNELS_VERIFIED_ON_GPU = False
+
+
+def resolve_attnres_impl(impl: str, device: torch.device) -> str:
+    """The implementation ``model.attnres_impl=impl`` means on ``device``; raises naming the field when the
+    choice cannot run there."""
+    if impl not in ATTNRES_IMPLS:
+        raise ValueError(f"model.attnres_impl={impl!r}: expected one of {ATTNRES_IMPLS}")
+    if impl == "auto":
+        return "fused" if device.type == "cuda" and FUSED_KERNELS_VERIFIED_ON_GPU else "torch"
+    if impl == "fla" and device.type != "cuda":
+        raise RuntimeError(
+            f"model.attnres_impl=fla runs fla's Triton fused_attnres, which needs CUDA tensors (got {device}); "
+            "use attnres_impl=torch or auto here")
+    return impl
+
+
+def _fla_attnres() -> Callable:
+    try:
+        from fla.ops.attnres import fused_attnres
+    except ImportError as error:
+        raise RuntimeError(
+            "model.attnres_impl=fla needs flash-linear-attention with fla.ops.attnres (pip install fla-core)"
+        ) from error
+    return fused_attnres
+
+
+def _two_phase_ops(device: torch.device):
+    """``(phase1, phase2)``: the Triton kernels on CUDA, the pure-torch two phases elsewhere."""
+    if device.type == "cuda":
+        try:
+            from attnres_kernels.block_attnres import block_phase1, block_phase2
+        except ImportError as error:
+            raise RuntimeError(
+                "model.attnres_impl=fused on CUDA needs triton and the attnres_kernels package (pip install -e .)"
+            ) from error
+        return block_phase1, block_phase2
+    from attnres_kernels.reference import phase1_reference, phase2_reference
+
+    return phase1_reference, phase2_reference
 
 
 class AttnResQuery(nn.Module):
@@ -55,9 +109,25 @@ class AttnResQuery(nn.Module):
         return self.key_norm_weight.to(dtype) * self.query.to(dtype)
 
     def forward(
-        self, sources_NBTD: torch.Tensor, rstd_NBT: torch.Tensor, return_weights: bool = False
+        self,
+        sources: list[torch.Tensor],
+        rstd: list[torch.Tensor],
+        impl: str = "torch",
+        return_weights: bool = False,
+        block: Optional["BlockMixer"] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return attnres_mix(sources_NBTD, rstd_NBT, self.effective_query(compute_dtype(sources_NBTD)), return_weights)
+        """Mix ``sources`` (each ``[B, T, D]``, completed ones first, then the partial sum if any).
+
+        ``block`` (impl ``fused``) computes the mix from the block's two phases instead; it runs inside this
+        call so that wrappers gathering this module's parameters around its forward (ZeRO-3) see them.
+        """
+        if block is not None:
+            return block.mix(self), None
+        if impl == "fla" and not return_weights:
+            mixed = _fla_attnres()(self.query, sources, self.key_norm_weight, rms_eps=self.eps)
+            return mixed, None
+        stacked = torch.stack(sources)
+        return attnres_mix(stacked, torch.stack(rstd), self.effective_query(compute_dtype(stacked)), return_weights)
 
 
 def source_rstd(v_BTD: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,6 +172,7 @@ class ResidualStream:
     sublayer: int = 0
     depth_weights: Optional[list[torch.Tensor]] = None  # per mix: mean weight per source over tokens [N]
     input_rms: Optional[list[torch.Tensor]] = None  # per sublayer: RMS of its input h, mean over tokens
+    block_mixer: Optional["BlockMixer"] = None  # impl fused: phase-1 results of the current block
 
 
 class StandardResidual:
@@ -134,8 +205,11 @@ class _DepthMixingResidual:
 
     uses_queries = True
 
-    def __init__(self, eps: float):
+    def __init__(self, eps: float, impl: str = "torch"):
+        if impl not in ATTNRES_IMPLS:
+            raise ValueError(f"model.attnres_impl={impl!r}: expected one of {ATTNRES_IMPLS}")
         self.eps = eps
+        self.impl = impl
 
     def begin(self, embeddings_BTD: torch.Tensor, diagnostics: bool = False) -> ResidualStream:
         return ResidualStream(
@@ -146,16 +220,24 @@ class _DepthMixingResidual:
         )
 
     def _mix(self, stream: ResidualStream, mixer: AttnResQuery) -> torch.Tensor:
+        want_weights = stream.depth_weights is not None
+        impl = resolve_attnres_impl(self.impl, stream.sources[0].device)
+        if impl == "fused" and not want_weights:
+            block = self._block_mixer(stream)
+            if block is not None:
+                return mixer(stream.sources, stream.sources_rstd, block=block)[0]
         sources = list(stream.sources)
         rstd = list(stream.sources_rstd)
         if stream.partial is not None:
             sources.append(stream.partial)
             rstd.append(source_rstd(stream.partial, self.eps))
-        want_weights = stream.depth_weights is not None
-        h_BTD, weights_NBT = mixer(torch.stack(sources), torch.stack(rstd), return_weights=want_weights)
+        h_BTD, weights_NBT = mixer(sources, rstd, impl=impl, return_weights=want_weights)
         if want_weights:
             stream.depth_weights.append(weights_NBT.detach().float().mean(dim=(1, 2)))
         return h_BTD
+
+    def _block_mixer(self, stream: ResidualStream) -> Optional["BlockMixer"]:
+        return None  # only Block AttnRes has blocks to batch
 
     def _append_source(self, stream: ResidualStream, v_BTD: torch.Tensor) -> None:
         stream.sources.append(v_BTD)
@@ -174,11 +256,25 @@ class BlockAttnResidual(_DepthMixingResidual):
     """Block AttnRes: ``block_size`` consecutive sublayer outputs are summed into one source; inside the
     current block the running partial sum is a source too. The last block may be shorter."""
 
-    def __init__(self, block_size: int, eps: float):
+    def __init__(self, block_size: int, eps: float, impl: str = "torch"):
         if block_size < 1:
             raise ValueError(f"model.attnres_block_size={block_size}: expected an integer >= 1")
-        super().__init__(eps)
+        super().__init__(eps, impl)
         self.block_size = block_size
+        self._queries: dict[int, AttnResQuery] = {}
+
+    def register_queries(self, queries: dict[int, AttnResQuery]) -> None:
+        """The pseudo-queries phase 1 may batch, by sublayer index (``2 * num_layers`` is the output mix).
+        The decoder registers all of its own; a pipeline stage replaces them with the ones it runs."""
+        self._queries = dict(queries)
+
+    def _block_mixer(self, stream: ResidualStream) -> Optional["BlockMixer"]:
+        block = stream.sublayer // self.block_size
+        if stream.block_mixer is None or stream.block_mixer.block != block:
+            stream.block_mixer = BlockMixer(self, stream, block)
+        stream.block_mixer.sublayer = stream.sublayer
+        stream.block_mixer.partial = stream.partial
+        return stream.block_mixer
 
     def add_output(self, stream: ResidualStream, out_BTD: torch.Tensor) -> None:
         stream.partial = out_BTD if stream.partial is None else stream.partial + out_BTD
@@ -196,18 +292,71 @@ class FullAttnResidual(_DepthMixingResidual):
         stream.sublayer += 1
 
 
+class BlockMixer:
+    """The two phases of one Block AttnRes block for one stream (impl ``fused``).
+
+    Phase 1 runs when a sublayer of the block first needs it, for that sublayer's query and every later one of
+    the block that is registered and materialised here (on this device with all its elements: a ZeRO-3 shard or
+    another pipeline stage's layer is left for its own turn). Each query's output and log-sum-exp are kept until
+    its sublayer merges its partial-sum source in phase 2.
+    """
+
+    def __init__(self, strategy: "BlockAttnResidual", stream: ResidualStream, block: int):
+        self.strategy = strategy
+        self.block = block
+        self.sublayer = stream.sublayer
+        self.partial: Optional[torch.Tensor] = None
+        first = stream.sources[0]
+        self.shape = first.shape
+        self.device = first.device
+        self.compute_dtype = compute_dtype(first)
+        self.phase1, self.phase2 = _two_phase_ops(first.device)
+        # The completed blocks do not change within a block: stacked once, scored once per phase-1 call.
+        self.sources_NTD = torch.stack(stream.sources).reshape(len(stream.sources), -1, first.shape[-1])
+        self.rstd_NT = torch.stack(stream.sources_rstd).reshape(len(stream.sources), -1)
+        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _phase1_group(self, query: AttnResQuery) -> list[tuple[int, AttnResQuery]]:
+        size = self.strategy.block_size
+        group = [(self.sublayer, query)]
+        for index in range(self.sublayer + 1, (self.block + 1) * size):
+            other = self.strategy._queries.get(index)
+            if other is None or index in self.results:
+                continue
+            if other.query.device != self.device or other.query.numel() != self.shape[-1]:
+                continue
+            group.append((index, other))
+        return group
+
+    def mix(self, query: AttnResQuery) -> torch.Tensor:
+        if self.sublayer not in self.results:
+            group = self._phase1_group(query)
+            queries_SD = torch.stack([member.effective_query(self.compute_dtype) for _, member in group])
+            o_STD, lse_ST = self.phase1(self.sources_NTD, self.rstd_NT, queries_SD)
+            for position, (index, _) in enumerate(group):
+                self.results[index] = (o_STD[position], lse_ST[position])
+        o_TD, lse_T = self.results.pop(self.sublayer)
+        dim = self.shape[-1]
+        if self.partial is None:
+            return o_TD.reshape(self.shape)
+        partial_TD = self.partial.reshape(-1, dim)
+        partial_rstd_T = source_rstd(partial_TD, self.strategy.eps)
+        h_TD = self.phase2(o_TD, lse_T, partial_TD, partial_rstd_T, query.effective_query(self.compute_dtype))
+        return h_TD.reshape(self.shape)
+
+
 def _record_rms(stream: ResidualStream, h_BTD: torch.Tensor) -> None:
     if stream.input_rms is not None:
         stream.input_rms.append(h_BTD.detach().float().pow(2).mean(-1).sqrt().mean())
 
 
-def build_residual_strategy(residual: str, block_size: int, eps: float):
+def build_residual_strategy(residual: str, block_size: int, eps: float, impl: str = "torch"):
     if residual == "standard":
         return StandardResidual()
     if residual == "full_attnres":
-        return FullAttnResidual(eps)
+        return FullAttnResidual(eps, impl)
     if residual == "block_attnres":
-        return BlockAttnResidual(block_size, eps)
+        return BlockAttnResidual(block_size, eps, impl)
     raise ValueError(f"model.residual={residual!r}: expected one of standard, full_attnres, block_attnres")
 
 

@@ -17,9 +17,9 @@ FULL_MIXERS = ("mla", "gqa")
 RESIDUALS = ("standard", "full_attnres", "block_attnres")
 MLP_KINDS = ("moe", "dense")
 ROUTER_SCORES = ("sigmoid", "softmax")
-ATTNRES_IMPLS = ("auto", "torch")
 ATTENTION_IMPLS = ("auto", "sdpa", "flash")
 LINEAR_ATTENTION_IMPLS = ("auto", "torch", "fla")
+ATTNRES_IMPLS = ("auto", "fused", "fla", "torch")  # see attnres_train/model/attnres.py
 
 
 class ModelConfigError(ValueError):
@@ -84,7 +84,7 @@ class ModelConfig:
     # --- residual slot -------------------------------------------------------------------------------
     residual: str = "block_attnres"  # standard | full_attnres | block_attnres
     attnres_block_size: int = 4  # sublayers per AttnRes block (S in the paper); 2 sublayers per decoder layer
-    attnres_impl: str = "auto"
+    attnres_impl: str = "auto"  # auto | fused | fla | torch: how the AttnRes mixes run (model/attnres.py)
 
     # ------------------------------------------------------------------------------------------------
     @classmethod

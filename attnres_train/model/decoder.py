@@ -108,7 +108,9 @@ class HybridDecoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.residual = build_residual_strategy(cfg.residual, cfg.attnres_block_size, cfg.norm_eps)
+        self.residual = build_residual_strategy(cfg.residual, cfg.attnres_block_size, cfg.norm_eps, cfg.attnres_impl)
+        if hasattr(self.residual, "register_queries"):
+            self.residual.register_queries(self.attnres_queries())
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------
@@ -165,6 +167,20 @@ class HybridDecoder(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------------------
+    def attnres_queries(self, layer_indices=None, include_output: bool = True) -> dict[int, "AttnResQuery"]:
+        """The AttnRes pseudo-queries by sublayer index (mixer of layer i: 2i, its MLP: 2i + 1, the output
+        mix: 2 * num_layers), of the given layers (default all); empty for the standard residual."""
+        if self.final_attnres is None:
+            return {}
+        indices = range(len(self.layers)) if layer_indices is None else layer_indices
+        queries = {}
+        for i in indices:
+            queries[2 * i] = self.layers[i].mixer_attnres
+            queries[2 * i + 1] = self.layers[i].mlp_attnres
+        if include_output:
+            queries[2 * len(self.layers)] = self.final_attnres
+        return queries
+
     def moe_layers(self) -> list[nn.Module]:
         return [layer.mlp for layer in self.layers if layer.spec.mlp == "moe"]
 

@@ -337,7 +337,7 @@ def build_pipeline_module(
         layers.append(TiedLayerSpec(TIED_EMBEDDING_KEY, EmbeddingStage, model, codec, forward_fn=tied_lm_head, **tied))
 
     pipe_cls = _pipeline_module_class()
-    return pipe_cls(
+    pipe = pipe_cls(
         layers=layers,
         num_stages=None if topology is not None else num_stages,
         topology=topology,
@@ -351,6 +351,13 @@ def build_pipeline_module(
         # calls backward once per floating tensor a stage sends (sources, partial, aux): use the non-reentrant one.
         activation_checkpoint_func=non_reentrant_checkpoint,
     )
+    if hasattr(model.residual, "register_queries"):
+        # Phase 1 of the fused Block AttnRes batches only the queries of sublayers this stage runs.
+        local = [layer for layer in pipe.forward_funcs if isinstance(layer, _PipelineLayer)]
+        model.residual.register_queries(model.attnres_queries(
+            [layer.index for layer in local if isinstance(layer, DecoderLayerStage)],
+            include_output=any(isinstance(layer, OutputStage) for layer in local)))
+    return pipe
 
 
 def describe_partition(

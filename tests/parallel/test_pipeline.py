@@ -48,6 +48,10 @@ TWO_STAGE_CASES = [
     # Every decoder layer recomputed in backward (DeepSpeed's non-reentrant checkpoint), 3 layers on one stage.
     dict(BASE, name="block_checkpointed", model={"residual": "block_attnres", "moe_aux_loss_coef": 0.01},
          num_stages=2, boundaries=[1], activation_checkpoint_interval=1, steps=2),
+    # The two-phase Block AttnRes (torch phases on CPU): each stage batches only its own sublayers' queries, and
+    # the block cut by the boundary is finished on stage 1 from the partial sum it received.
+    dict(BASE, name="block_fused", model={"residual": "block_attnres", "attnres_block_size": 4,
+                                          "attnres_impl": "fused"}, num_stages=2, boundaries=[1], steps=2),
     # Tied embeddings: stage 0 embeds and the last stage projects with its own copy of the same matrix.
     dict(BASE, name="tied", model={"residual": "block_attnres", "tie_embeddings": True}, num_stages=2, steps=3),
 ]
@@ -164,6 +168,11 @@ def test_boundary_inside_block_sends_partial_sum(two_stage_runs):
 def test_activation_checkpointing_matches(two_stage_runs):
     case = next(c for c in TWO_STAGE_CASES if c["name"] == "block_checkpointed")
     assert_matches_reference(case, two_stage_runs["block_checkpointed"], data_parallel=1)
+
+
+def test_fused_attnres_across_stages(two_stage_runs):
+    case = next(c for c in TWO_STAGE_CASES if c["name"] == "block_fused")
+    assert_matches_reference(case, two_stage_runs["block_fused"], data_parallel=1)
 
 
 def test_tied_embeddings_stay_tied_across_stages(two_stage_runs):

@@ -1,0 +1,134 @@
+"""The two-phase Block AttnRes kernels (attnres_kernels.block_attnres) against the pure-torch reference.
+
+On a CUDA machine the kernels run compiled; the ``gpu`` tests add bf16 and large shapes. Without a GPU the
+fp32 tests run in Triton's interpreter on CPU (``test_kernels_interpreted.py`` starts this file in a process with
+``TRITON_INTERPRET=1``, which must be set before triton is first imported): that checks the kernels' indexing,
+masking and math, not their speed.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+from attnres_kernels.reference import phase1_reference, phase2_reference
+
+triton = pytest.importorskip("triton")
+ON_GPU = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if not ON_GPU and not INTERPRETED:
+    pytest.skip("no GPU: these run under the Triton interpreter via test_kernels_interpreted.py",
+                allow_module_level=True)
+
+
+def _kernels():
+    return importlib.import_module("attnres_kernels.block_attnres")
+
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+# (N completed sources, S queries, T tokens, D hidden); odd T and D exercise every mask.
+SHAPES = [(1, 1, 5, 16), (3, 4, 37, 48), (5, 6, 64, 128), (8, 3, 19, 96)]
+SHAPES_GPU = SHAPES + [(8, 6, 4096, 2048), (9, 6, 1000, 4096)]
+# Largest error relative to the tensor's largest magnitude, against a float64 reference: fp32 kernels agree to
+# fp32 rounding; bf16 ones to bf16 storage of inputs and outputs (fp32 arithmetic inside).
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _phase1_inputs(N, S, T, D, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    sources = (torch.randn(N, T, D, generator=generator) * (1 + torch.arange(N)[:, None, None])).to(DEVICE, dtype)
+    rstd = torch.rsqrt(sources.float().pow(2).mean(-1) + 1e-6)
+    queries = (torch.randn(S, D, generator=generator) * 0.3).to(DEVICE, dtype)
+    return sources, rstd, queries
+
+
+def _grads(fn, inputs, upstream):
+    leaves = [x.detach().clone().requires_grad_(True) for x in inputs]
+    outputs = fn(*leaves)
+    torch.autograd.backward([o for o in outputs if o is not None],
+                            [u.to(o.dtype) for o, u in zip(outputs, upstream) if o is not None])
+    return [o.detach() for o in outputs if o is not None], [leaf.grad for leaf in leaves]
+
+
+def _compare(got, want, dtype, what):
+    for index, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, (what, index, g.shape, w.shape)
+        scale = w.double().abs().max().clamp_min(1e-12)
+        error = ((g.double() - w.double()).abs().max() / scale).item()
+        assert error <= TOLERANCE[dtype], f"{what}[{index}]: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def _reference(fn):
+    """``fn`` evaluated in float64 (inputs promoted), the yardstick for both precisions."""
+    def run(*inputs):
+        return fn(*[x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs])
+    return run
+
+
+def _phase1_case(shape, dtype):
+    N, S, T, D = shape
+    kernels = _kernels()
+    inputs = _phase1_inputs(N, S, T, D, dtype)
+    generator = torch.Generator().manual_seed(1)
+    upstream = [torch.randn(S, T, D, generator=generator).to(DEVICE, dtype),
+                torch.randn(S, T, generator=generator).to(DEVICE)]
+    got_out, got_grads = _grads(kernels.block_phase1, inputs, upstream)
+    want_out, want_grads = _grads(_reference(phase1_reference), inputs, upstream)
+    _compare(got_out, want_out, dtype, "outputs")
+    _compare(got_grads, want_grads, dtype, "grads (sources, rstd, queries)")
+
+
+def _phase2_case(T, D, dtype, with_partial, with_norm):
+    kernels = _kernels()
+    generator = torch.Generator().manual_seed(2)
+    o = torch.randn(T, D, generator=generator).to(DEVICE, dtype)
+    lse = (torch.randn(T, generator=generator) * 3).to(DEVICE)
+    partial = torch.randn(T, D, generator=generator).to(DEVICE, dtype)
+    partial_rstd = torch.rsqrt(partial.float().pow(2).mean(-1) + 1e-6)
+    query = (torch.randn(D, generator=generator) * 0.5).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(D, generator=generator)).to(DEVICE, dtype)
+    upstream = [torch.randn(T, D, generator=generator).to(DEVICE, dtype)]
+
+    def call(fn):
+        def run(o, lse, partial, partial_rstd, query, weight):
+            return (fn(o, lse, partial if with_partial else None, partial_rstd if with_partial else None, query,
+                       weight if with_norm else None, 1e-6),)
+        return run
+
+    inputs = [o, lse, partial, partial_rstd, query, weight]
+    got_out, got_grads = _grads(call(kernels.block_phase2), inputs, upstream)
+    want_out, want_grads = _grads(call(_reference(phase2_reference)), inputs, upstream)
+    _compare(got_out, want_out, dtype, "output")
+    for name, got, want in zip(["o", "lse", "partial", "partial_rstd", "query", "norm_weight"], got_grads, want_grads):
+        if want is None:
+            assert got is None or not got.abs().any(), name
+        else:
+            _compare([got], [want], dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))
+def test_phase1_matches_reference_fp32(shape):
+    _phase1_case(shape, torch.float32)
+
+
+@pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "normed"])
+@pytest.mark.parametrize("with_partial", [False, True], ids=["block_start", "with_partial"])
+def test_phase2_matches_reference_fp32(with_partial, with_norm):
+    _phase2_case(45, 80, torch.float32, with_partial, with_norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES_GPU, ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))
+def test_phase1_on_gpu(shape, dtype):
+    _phase1_case(shape, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T,D", [(45, 80), (8192, 2048), (1000, 4096)])
+def test_phase2_on_gpu(T, D, dtype):
+    for with_partial in (False, True):
+        for with_norm in (False, True):
+            _phase2_case(T, D, dtype, with_partial, with_norm)
