@@ -1,11 +1,14 @@
 #!/usr/bin/env python
 """Training-step benchmark: ``model.residual=standard`` vs ``block_attnres`` measured alternately in one run.
 
-Both variants are built from the same preset, trained on the same random token batches with AdamW, and timed in
-alternating rounds so clock and thermal drift hit both equally. Prints a table and writes JSON (device, versions,
-config, step time, tokens/s, MFU from the model's exact FLOP count) to ``--out``.
+All variants are built from the same preset, trained on the same random token batches with AdamW, and timed in
+alternating rounds so clock and thermal drift hit them equally. A variant is ``residual`` or
+``residual:attnres_impl`` (``block_attnres:fused``, ``block_attnres:torch``). Prints a table and writes JSON
+(device, versions, config, step time, tokens/s, MFU from the model's exact FLOP count, each AttnRes variant's
+overhead over ``standard``, and with ``--profile`` the top operators of one profiled step) to ``--out``.
 
-    python scripts/bench_train.py --preset kimi_linear_1b --seq-len 4096 --micro-batch 4
+    python scripts/bench_train.py --preset kimi_linear_1b --seq-len 4096 --micro-batch 4 \
+        --variants standard,block_attnres:fused,block_attnres:torch --profile
     python scripts/bench_train.py --preset tiny --seq-len 256 --micro-batch 2 --rounds 2 --steps 2   # CPU dry run
 """
 
@@ -18,6 +21,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -41,10 +45,18 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the first round")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--docs-per-row", type=int, default=1, help="packed documents per row (1: no boundaries)")
-    p.add_argument("--variants", default="standard,block_attnres")
+    p.add_argument("--variants", default="standard,block_attnres", help="residual[:attnres_impl], comma separated")
+    p.add_argument("--profile", action="store_true", help="profile one step per variant; top operators in the JSON")
     p.add_argument("--override", action="append", default=[], help="model field override, e.g. attnres_block_size=4")
     p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_train_<preset>_<device>.json)")
     return p.parse_args(argv)
+
+
+def _version(package: str):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def load_preset(name: str, overrides: list[str]) -> dict:
@@ -82,6 +94,19 @@ def train_step(model, optimizer, batch, autocast_dtype):
     return loss
 
 
+def profile_step(model, optimizer, batch, device, top=25) -> list[dict]:
+    """The operators of one training step, most expensive first (device time on CUDA, CPU time elsewhere)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, batch, None)
+        synchronize(device)
+    key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
+    return [{"name": e.key, "calls": e.count, "time_ms": getattr(e, key, 0.0) / 1000} for e in events]
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -98,7 +123,9 @@ def main(argv=None) -> dict:
     models, optimizers = {}, {}
     for variant in variants:
         torch.manual_seed(0)
-        model = build_model({**base, "residual": variant}).to(device=device, dtype=param_dtype)
+        residual, _, impl = variant.partition(":")
+        fields = {**base, "residual": residual, **({"attnres_impl": impl} if impl else {})}
+        model = build_model(fields).to(device=device, dtype=param_dtype)
         models[variant] = model
         optimizers[variant] = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     batches = make_batches(4, args.micro_batch, args.seq_len, base["vocab_size"], args.docs_per_row, device)
@@ -136,10 +163,14 @@ def main(argv=None) -> dict:
             "total_parameters": model.num_parameters(),
             "active_parameters": model.num_active_parameters(),
         }
-    if "standard" in results and "block_attnres" in results:
-        results["block_attnres_overhead"] = (
-            results["block_attnres"]["step_time_s_median"] / results["standard"]["step_time_s_median"] - 1
-        )
+    if "standard" in results:
+        for variant in variants:
+            if variant != "standard":
+                results[f"{variant}_overhead"] = (
+                    results[variant]["step_time_s_median"] / results["standard"]["step_time_s_median"] - 1)
+    if args.profile:
+        for variant in variants:
+            results[variant]["profile_top"] = profile_step(models[variant], optimizers[variant], batches[0], device)
     if device.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
@@ -148,7 +179,9 @@ def main(argv=None) -> dict:
         "date": datetime.now(timezone.utc).isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "peak_flops_per_device": peak,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     **{name: _version(package) for name, package in
+                        (("triton", "triton"), ("fla", "fla-core"), ("flash_attn", "flash-attn"))}},
         "config": {**vars(args), "dtype": dtype, "model": base},
         "results": results,
     }
@@ -157,8 +190,9 @@ def main(argv=None) -> dict:
         r = results[variant]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
         print(f"  {variant:14s} step {1000 * r['step_time_s_median']:8.1f} ms  {r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
-    if "block_attnres_overhead" in results:
-        print(f"  block_attnres overhead: {100 * results['block_attnres_overhead']:+.2f}%")
+    for key, value in results.items():
+        if key.endswith("_overhead"):
+            print(f"  {key[: -len('_overhead')]} overhead over standard: {100 * value:+.2f}%")
     out = Path(args.out) if args.out else (
         REPO / "benchmarks" / "results" / f"bench_train_{args.preset}_{device.type}.json"
     )

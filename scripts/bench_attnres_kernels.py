@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Block AttnRes kernel benchmark: forward + backward of every mix of one block.
+
+One block of S sublayers over N completed block summaries (plus, from the second sublayer on, the block's partial
+sum), the way training runs it. Implementations:
+
+  fused   ours: phase 1 once for the S queries, phase 2 per sublayer (attnres_kernels, Triton)
+  fla     fla.ops.attnres.fused_attnres, one call per sublayer (each reads every source again)
+  torch   the model's torch mix, one per sublayer
+  two_phase_torch   the same two phases in torch (attnres_kernels.reference): the CPU stand-in for ``fused``
+
+Prints a table and writes JSON (device, versions, shapes, milliseconds, speed-ups, agreement) under
+benchmarks/results/. Needs a CUDA GPU for ``fused`` and ``fla``; ``--dry-run`` runs small shapes on CPU with the
+torch implementations only, to check the script itself.
+
+    python scripts/bench_attnres_kernels.py                      # 16K tokens, D = 2048 and 4096, N = 8, S = 6
+    python scripts/bench_attnres_kernels.py --dry-run --out /tmp/attnres_dry.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "kernels"))
+
+from attnres_kernels.reference import phase1_reference, phase2_reference  # noqa: E402
+from attnres_train.model.attnres import attnres_mix, source_rstd  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=16384, help="tokens per call (batch x sequence)")
+    p.add_argument("--hidden", type=int, nargs="+", default=[2048, 4096])
+    p.add_argument("--sources", type=int, default=8, help="N: completed block summaries (b_0 = embedding included)")
+    p.add_argument("--block-size", type=int, default=6, help="S: sublayers per block")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--impls", default=None, help="comma list (default: fused,fla,torch on CUDA)")
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--dry-run", action="store_true", help="small shapes on CPU, torch implementations only")
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def _version(package: str):
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+class BlockInputs:
+    """Leaves of one block: completed sources, one partial sum per sublayer after the first, queries, norm
+    weights, and an upstream gradient per sublayer output."""
+
+    def __init__(self, N, S, T, D, dtype, device, seed=0):
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+
+        def randn(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+        self.sources = [randn(T, D).requires_grad_(True) for _ in range(N)]
+        self.partials = [None] + [randn(T, D).requires_grad_(True) for _ in range(S - 1)]
+        self.queries = [randn(D, scale=0.02).float().requires_grad_(True) for _ in range(S)]
+        self.key_weights = [torch.ones(D, device=device).requires_grad_(True) for _ in range(S)]
+        self.upstream = [randn(T, D) for _ in range(S)]
+
+    def leaves(self):
+        return [*self.sources, *[p for p in self.partials if p is not None], *self.queries, *self.key_weights]
+
+
+def block_torch(x: BlockInputs, eps=1e-6):
+    rstd = [source_rstd(v, eps) for v in x.sources]
+    outputs = []
+    for j, partial in enumerate(x.partials):
+        sources, rs = list(x.sources), list(rstd)
+        if partial is not None:
+            sources.append(partial)
+            rs.append(source_rstd(partial, eps))
+        stacked = torch.stack(sources).unsqueeze(1)  # [N, B = 1, T, D]
+        h, _ = attnres_mix(stacked, torch.stack(rs).unsqueeze(1), x.key_weights[j] * x.queries[j])
+        outputs.append(h[0])
+    return outputs
+
+
+def block_two_phase(phase1, phase2):
+    def run(x: BlockInputs, eps=1e-6):
+        rstd = torch.stack([source_rstd(v, eps) for v in x.sources])
+        queries = torch.stack([w * q for w, q in zip(x.key_weights, x.queries)])
+        o, lse = phase1(torch.stack(x.sources), rstd, queries)
+        outputs = []
+        for j, partial in enumerate(x.partials):
+            if partial is None:
+                outputs.append(o[j])
+            else:
+                outputs.append(phase2(o[j], lse[j], partial, source_rstd(partial, eps), queries[j]))
+        return outputs
+    return run
+
+
+def block_fla(x: BlockInputs, eps=1e-6):
+    from fla.ops.attnres import fused_attnres
+
+    outputs = []
+    for j, partial in enumerate(x.partials):
+        residuals = list(x.sources) + ([partial] if partial is not None else [])
+        outputs.append(fused_attnres(x.queries[j], residuals, x.key_weights[j], rms_eps=eps))
+    return outputs
+
+
+def implementations(names):
+    table = {"torch": block_torch, "two_phase_torch": block_two_phase(phase1_reference, phase2_reference),
+             "fla": block_fla}
+    if "fused" in names:
+        from attnres_kernels.block_attnres import block_phase1, block_phase2
+
+        table["fused"] = block_two_phase(block_phase1, block_phase2)
+    return {name: table[name] for name in names}
+
+
+def time_block(fn, x: BlockInputs, device, repeats, warmup):
+    def once():
+        for leaf in x.leaves():
+            leaf.grad = None
+        outputs = fn(x)
+        torch.autograd.backward(outputs, x.upstream)
+
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        once()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    if args.dry_run:
+        args.tokens, args.hidden, args.repeats, args.warmup = 64, [32, 48], 2, 1
+        names = (args.impls or "torch,two_phase_torch").split(",")
+        if device.type == "cpu" and args.dtype == "bf16":
+            args.dtype = "fp32"
+    else:
+        if device.type != "cuda":
+            raise SystemExit("bench_attnres_kernels: needs a CUDA GPU (use --dry-run to check the script on CPU)")
+        names = (args.impls or "fused,fla,torch").split(",")
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    impls = implementations(names)
+
+    results = []
+    for hidden in args.hidden:
+        x = BlockInputs(args.sources, args.block_size, args.tokens, hidden, dtype, device)
+        row = {"tokens": args.tokens, "hidden": hidden, "sources": args.sources, "block_size": args.block_size}
+        reference_out = None
+        for name, fn in impls.items():
+            median, times = time_block(fn, x, device, args.repeats, args.warmup)
+            with torch.no_grad():
+                outputs = [o.float() for o in fn(x)]
+            if reference_out is None:
+                reference_out = outputs
+            error = max(((o - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
+                        for o, r in zip(outputs, reference_out))
+            row[name] = {"ms_median": 1000 * median, "ms_all": [1000 * t for t in times],
+                         "max_relative_error_vs_first": error}
+        if "fused" in impls and "fla" in impls:
+            row["fused_speedup_vs_fla"] = row["fla"]["ms_median"] / row["fused"]["ms_median"]
+        if "fused" in impls and "torch" in impls:
+            row["fused_speedup_vs_torch"] = row["torch"]["ms_median"] / row["fused"]["ms_median"]
+        results.append(row)
+        print(f"T={args.tokens} D={hidden} N={args.sources} S={args.block_size} {args.dtype}: " + "  ".join(
+            f"{name} {row[name]['ms_median']:.3f} ms" for name in impls))
+        if "fused_speedup_vs_fla" in row:
+            print(f"  fused vs fla: {row['fused_speedup_vs_fla']:.2f}x (target >= 1.5x)")
+
+    report = {
+        "benchmark": "bench_attnres_kernels",
+        "dry_run": args.dry_run,
+        "date": datetime.now(timezone.utc).isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                     "triton": _version("triton"), "fla": _version("fla-core")},
+        "config": vars(args),
+        "results": results,
+    }
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"bench_attnres_kernels_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

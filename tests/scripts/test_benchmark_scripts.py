@@ -1,0 +1,54 @@
+"""The benchmark scripts' CPU dry runs: they run end to end, measure every implementation they name, and
+write the JSON they promise. (Their real figures come from a GPU; see benchmarks/results/.)"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_attnres_kernel_benchmark_dry_run(tmp_path):
+    out = tmp_path / "kernels.json"
+    report = _script("bench_attnres_kernels").main(["--dry-run", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert report["dry_run"] and {"device", "versions", "config"} <= report.keys()
+    for row in report["results"]:
+        assert row["torch"]["ms_median"] > 0 and row["two_phase_torch"]["ms_median"] > 0
+        assert row["two_phase_torch"]["max_relative_error_vs_first"] < 1e-5  # the two phases equal the plain mix
+
+
+def test_attnres_kernel_benchmark_refuses_to_run_without_a_gpu_outside_dry_run(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        _script("bench_attnres_kernels").main(["--out", str(tmp_path / "x.json")])
+
+
+def test_layer_benchmark_dry_run(tmp_path):
+    report = _script("bench_layers").main(["--dry-run", "--out", str(tmp_path / "layers.json")])
+    rows = {(r["mixer"], r["tokens"]) for r in report["results"]}
+    assert rows == {(m, t) for m in ("kda", "gdn", "mla") for t in (64, 128)}
+    assert all(r["tokens_per_s"] > 0 and r["tflops"] > 0 for r in report["results"])
+
+
+def test_training_benchmark_dry_run_with_impl_variants(tmp_path):
+    report = _script("bench_train").main([
+        "--preset", "tiny", "--seq-len", "64", "--micro-batch", "1", "--rounds", "1", "--steps", "1",
+        "--warmup", "1", "--variants", "standard,block_attnres:torch,block_attnres:fused", "--profile",
+        "--out", str(tmp_path / "train.json")])
+    results = report["results"]
+    for variant in ("standard", "block_attnres:torch", "block_attnres:fused"):
+        assert results[variant]["tokens_per_s"] > 0 and results[variant]["profile_top"]
+    assert "block_attnres:fused_overhead" in results and "block_attnres:torch_overhead" in results
