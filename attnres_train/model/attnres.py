@@ -115,14 +115,16 @@ class AttnResQuery(nn.Module):
         impl: str = "torch",
         return_weights: bool = False,
         block: Optional["BlockMixer"] = None,
+        norm: Optional[nn.Module] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Mix ``sources`` (each ``[B, T, D]``, completed ones first, then the partial sum if any).
 
-        ``block`` (impl ``fused``) computes the mix from the block's two phases instead; it runs inside this
-        call so that wrappers gathering this module's parameters around its forward (ZeRO-3) see them.
+        ``block`` (impl ``fused``) computes the mix from the block's two phases instead, followed by the RMSNorm
+        ``norm`` when one is given; it runs inside this call so that wrappers gathering this module's parameters
+        around its forward (ZeRO-3) see them.
         """
         if block is not None:
-            return block.mix(self), None
+            return block.mix(self, norm), None
         if impl == "fla" and not return_weights:
             mixed = _fla_attnres()(self.query, sources, self.key_norm_weight, rms_eps=self.eps)
             return mixed, None
@@ -191,6 +193,9 @@ class StandardResidual:
         _record_rms(stream, stream.hidden)
         return stream.hidden
 
+    def fused_normed_input(self, stream: ResidualStream, mixer, norm: nn.Module) -> Optional[torch.Tensor]:
+        return None
+
     def add_output(self, stream: ResidualStream, out_BTD: torch.Tensor) -> None:
         stream.hidden = stream.hidden + out_BTD
         stream.sublayer += 1
@@ -238,6 +243,20 @@ class _DepthMixingResidual:
 
     def _block_mixer(self, stream: ResidualStream) -> Optional["BlockMixer"]:
         return None  # only Block AttnRes has blocks to batch
+
+    def fused_normed_input(self, stream: ResidualStream, mixer: AttnResQuery, norm: nn.Module) -> Optional[torch.Tensor]:
+        """``norm(mix)`` in one pass when impl ``fused`` can apply the following RMSNorm inside phase 2 (then the
+        un-normed mix is never materialised), else None: the caller mixes and normalises as usual."""
+        first = stream.sources[0]
+        if stream.depth_weights is not None or resolve_attnres_impl(self.impl, first.device) != "fused":
+            return None
+        weight = getattr(norm, "weight", None)
+        if weight is None or weight.numel() != first.shape[-1] or weight.device != first.device:
+            return None  # not an RMSNorm, or a ZeRO-3 shard outside its own forward
+        block = self._block_mixer(stream)
+        if block is None:
+            return None
+        return mixer(stream.sources, stream.sources_rstd, block=block, norm=norm)[0]
 
     def _append_source(self, stream: ResidualStream, v_BTD: torch.Tensor) -> None:
         stream.sources.append(v_BTD)
@@ -328,7 +347,7 @@ class BlockMixer:
             group.append((index, other))
         return group
 
-    def mix(self, query: AttnResQuery) -> torch.Tensor:
+    def mix(self, query: AttnResQuery, norm: Optional[nn.Module] = None) -> torch.Tensor:
         if self.sublayer not in self.results:
             group = self._phase1_group(query)
             queries_SD = torch.stack([member.effective_query(self.compute_dtype) for _, member in group])
@@ -336,12 +355,15 @@ class BlockMixer:
             for position, (index, _) in enumerate(group):
                 self.results[index] = (o_STD[position], lse_ST[position])
         o_TD, lse_T = self.results.pop(self.sublayer)
-        dim = self.shape[-1]
-        if self.partial is None:
+        norm_args = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
+        if self.partial is None and norm is None:
             return o_TD.reshape(self.shape)
-        partial_TD = self.partial.reshape(-1, dim)
-        partial_rstd_T = source_rstd(partial_TD, self.strategy.eps)
-        h_TD = self.phase2(o_TD, lse_T, partial_TD, partial_rstd_T, query.effective_query(self.compute_dtype))
+        partial_TD = partial_rstd_T = None
+        if self.partial is not None:
+            partial_TD = self.partial.reshape(-1, self.shape[-1])
+            partial_rstd_T = source_rstd(partial_TD, self.strategy.eps)
+        h_TD = self.phase2(o_TD, lse_T, partial_TD, partial_rstd_T, query.effective_query(self.compute_dtype),
+                           *norm_args)
         return h_TD.reshape(self.shape)
 
 

@@ -68,17 +68,22 @@ class DecoderLayer(nn.Module):
             self.mixer_attnres = None
             self.mlp_attnres = None
 
-    def mixer_sublayer(self, h_BTD: torch.Tensor, layout: Optional[DocumentLayout]) -> torch.Tensor:
-        return self.mixer(self.mixer_norm(h_BTD), layout)
+    # ``normed_BTD``: the input already through this sublayer's pre-norm (the fused AttnRes applies it).
+    def mixer_sublayer(self, h_BTD: Optional[torch.Tensor], layout: Optional[DocumentLayout],
+                       normed_BTD: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.mixer(self.mixer_norm(h_BTD) if normed_BTD is None else normed_BTD, layout)
 
-    def mlp_sublayer(self, h_BTD: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return self.mlp(self.mlp_norm(h_BTD))
+    def mlp_sublayer(self, h_BTD: Optional[torch.Tensor],
+                     normed_BTD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.mlp(self.mlp_norm(h_BTD) if normed_BTD is None else normed_BTD)
 
     def forward(self, stream, residual, layout: Optional[DocumentLayout], aux_losses: list) -> None:
-        h_BTD = residual.sublayer_input(stream, self.mixer_attnres)
-        residual.add_output(stream, self.mixer_sublayer(h_BTD, layout))
-        h_BTD = residual.sublayer_input(stream, self.mlp_attnres)
-        out_BTD, aux_loss = self.mlp_sublayer(h_BTD)
+        normed_BTD = residual.fused_normed_input(stream, self.mixer_attnres, self.mixer_norm)
+        h_BTD = residual.sublayer_input(stream, self.mixer_attnres) if normed_BTD is None else None
+        residual.add_output(stream, self.mixer_sublayer(h_BTD, layout, normed_BTD))
+        normed_BTD = residual.fused_normed_input(stream, self.mlp_attnres, self.mlp_norm)
+        h_BTD = residual.sublayer_input(stream, self.mlp_attnres) if normed_BTD is None else None
+        out_BTD, aux_loss = self.mlp_sublayer(h_BTD, normed_BTD)
         residual.add_output(stream, out_BTD)
         if aux_loss is not None:
             aux_losses.append(aux_loss)
@@ -157,14 +162,20 @@ class HybridDecoder(nn.Module):
         aux_losses: list[torch.Tensor] = []
         for layer in self.layers:
             layer(stream, self.residual, layout, aux_losses)
-        h_BTD = self.residual.final(stream, self.final_attnres)
-        logits_BTV = self.lm_head(self.final_norm(h_BTD))
+        logits_BTV = self.lm_head(self.final_hidden(stream))
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits_BTV.new_zeros((), dtype=torch.float32)
         out = DecoderOutput(logits=logits_BTV, aux_loss=aux_loss)
         if return_diagnostics:
             out.depth_weights = stream.depth_weights
             out.sublayer_input_rms = torch.stack(stream.input_rms)
         return out
+
+    def final_hidden(self, stream) -> torch.Tensor:
+        """The output mix followed by the final norm (in one pass under the fused AttnRes)."""
+        normed_BTD = self.residual.fused_normed_input(stream, self.final_attnres, self.final_norm)
+        if normed_BTD is not None:
+            return normed_BTD
+        return self.final_norm(self.residual.final(stream, self.final_attnres))
 
     # ------------------------------------------------------------------------------------------------
     def attnres_queries(self, layer_indices=None, include_output: bool = True) -> dict[int, "AttnResQuery"]:

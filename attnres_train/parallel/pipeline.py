@@ -238,10 +238,11 @@ class OutputStage(_PipelineLayer):
         self.final_norm = model.final_norm
         self.lm_head = None if model.config.tie_embeddings else model.lm_head
         self._strategy = model.residual
+        self._final_hidden = model.final_hidden
 
     def forward(self, inputs):
         state = self._to_state(inputs, layers_before=self.layers_after)
-        h_BTD = self.final_norm(self._strategy.final(state.stream, self.final_attnres))
+        h_BTD = self._final_hidden(state.stream)
         if self.lm_head is None:
             return h_BTD, state.aux_1
         return self.lm_head(h_BTD), state.aux_1

@@ -66,10 +66,18 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
         calls.append((sources_NTD.shape[0], queries_SD.shape[0]))
         return phase1_reference(sources_NTD, rstd_NT, queries_SD)
 
-    monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, phase2_reference))
+    merges = []
+
+    def recording_phase2(o, lse, partial, partial_rstd, query, norm_weight=None, norm_eps=1e-6):
+        merges.append((partial is not None, norm_weight is not None))
+        return phase2_reference(o, lse, partial, partial_rstd, query, norm_weight, norm_eps)
+
+    monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, recording_phase2))
     _run(model, "fused")
     # (completed sources, queries): block 0 over the embedding, block 1 over b_0, b_1, the output mix over all.
     assert calls == [(1, 4), (2, 4), (3, 1)]
+    # Every mix applies its following RMSNorm inside phase 2; the first of each block has no partial sum.
+    assert merges == [(False, True), (True, True), (True, True), (True, True)] * 2 + [(False, True)]
 
     # Queries not registered here (another pipeline stage's, or a ZeRO-3 shard) wait for their own turn.
     want = _run(model, "torch")
@@ -139,3 +147,33 @@ def test_impl_choice_is_validated_and_fla_needs_cuda():
     model = build_model({**BASE, "attnres_impl": "fla"})
     with pytest.raises(RuntimeError, match="attnres_impl=fla"):
         model(torch.randint(0, 50, (1, 8)))
+
+
+def _run_cuda(model, impl, dtype):
+    model.residual.impl = impl
+    model.zero_grad(set_to_none=True)
+    generator = torch.Generator().manual_seed(2)
+    input_ids = torch.randint(0, 50, (4, 256), generator=generator).cuda()
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(input_ids).logits.float()
+    (logits * torch.randn(logits.shape, generator=generator).cuda()).sum().backward()
+    return logits.detach(), {name: p.grad.float().clone() for name, p in model.named_parameters()
+                             if p.grad is not None}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["fused", "fla"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_impls_match_torch_in_the_whole_model(impl, dtype):
+    if impl == "fla":
+        pytest.importorskip("fla.ops.attnres")
+    torch.manual_seed(0)
+    model = build_model({**BASE, "residual": "block_attnres", "attnres_block_size": 3}).cuda()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for query in model.attnres_queries().values():
+            query.query.copy_(torch.randn(query.query.shape, generator=generator).cuda())
+    if dtype == torch.bfloat16:
+        model = model.to(torch.bfloat16)
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    _assert_same(_run_cuda(model, impl, dtype), _run_cuda(model, "torch", dtype), tolerance=tolerance)
