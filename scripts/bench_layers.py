@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
                 continue
             flops = 3 * layer.forward_flops_per_token(tokens) * tokens
             row = {"mixer": kind, "tokens": tokens, "ms": 1000 * seconds, "tokens_per_s": tokens / seconds,
-                   "tflops": flops / seconds / 1e12, "fraction_of_peak": None if peak is None else flops / seconds / peak,
+                   "tflops": flops / seconds / 1e12,
+                   "fraction_of_peak": None if peak is None else flops / seconds / peak,
                    "parameters": sum(p.numel() for p in layer.parameters())}
             results.append(row)
             share = "" if row["fraction_of_peak"] is None else f"  {100 * row['fraction_of_peak']:.1f}% of peak"
@@ -121,7 +122,8 @@ def main(argv=None) -> dict:
         "config": {**vars(args), "dtype": dtype_name, "model": raw},
         "results": results,
     }
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"bench_layers_{args.preset}_{device.type}.json"
+    default_out = REPO / "benchmarks" / "results" / f"bench_layers_{args.preset}_{device.type}.json"
+    out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")

@@ -244,7 +244,9 @@ class _DepthMixingResidual:
     def _block_mixer(self, stream: ResidualStream) -> Optional["BlockMixer"]:
         return None  # only Block AttnRes has blocks to batch
 
-    def fused_normed_input(self, stream: ResidualStream, mixer: AttnResQuery, norm: nn.Module) -> Optional[torch.Tensor]:
+    def fused_normed_input(
+        self, stream: ResidualStream, mixer: AttnResQuery, norm: nn.Module
+    ) -> Optional[torch.Tensor]:
         """``norm(mix)`` in one pass when impl ``fused`` can apply the following RMSNorm inside phase 2 (then the
         un-normed mix is never materialised), else None: the caller mixes and normalises as usual."""
         first = stream.sources[0]

@@ -169,7 +169,8 @@ class SavedTrainingState:
                     pieces = fragments.setdefault(name, {})
                     pieces.setdefault("master", []).append(flat_master.narrow(0, address.start, address.numel))
                     for key, value in group_state.items():
-                        if torch.is_tensor(value) and value.dim() == 1 and value.numel() == flat_master.numel():
+                        # DeepSpeed saves the fp32 partition without the group's end padding, the moments with it.
+                        if torch.is_tensor(value) and value.dim() == 1 and value.numel() >= flat_master.numel():
                             pieces.setdefault(key, []).append(value.narrow(0, address.start, address.numel))
                         elif key == "step":
                             steps[name] = _as_step(value)

@@ -163,7 +163,7 @@ class Trainer:
             world_size=ctx.world_size,
             barrier=ctx.barrier,
         )
-        resume_tag, resume_stages = self._resume_target(checkpoints, precision)
+        resume_tag, resume_stages = self._resume_target(checkpoints, precision, dp_world)
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
@@ -338,9 +338,12 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------------
-    def _resume_target(self, checkpoints: CheckpointManager, precision: str) -> tuple[Optional[str], Optional[int]]:
+    def _resume_target(
+        self, checkpoints: CheckpointManager, precision: str, dp_world: int
+    ) -> tuple[Optional[str], Optional[int]]:
         """The tag to resume from, and the pipeline stage count it was saved with when it was saved under another
-        parallel layout (stage count, ZeRO stage or precision), else None."""
+        parallel layout (stage count, ZeRO stage, precision, or data-parallel degree with ZeRO shards), else
+        None."""
         mode = self.train_cfg.resume
         if mode == "never":
             return None, None
@@ -361,10 +364,14 @@ class Trainer:
                 config_fingerprint(self.model_cfg.to_dict()),
                 current_model_config={"model": self.model_cfg.to_dict()},
             )
-            saved = {"parallel.pipeline_stages": marker.get("pipeline_stages", 1),
+            saved_stages = marker.get("pipeline_stages", 1)
+            saved = {"parallel.pipeline_stages": saved_stages,
                      "parallel.zero_stage": marker.get("zero_stage"), "train.precision": marker.get("precision")}
             current = {"parallel.pipeline_stages": self.parallel_cfg.pipeline_stages,
                        "parallel.zero_stage": self.parallel_cfg.zero_stage, "train.precision": precision}
+            if (marker.get("zero_stage") or 0) >= 1:  # DeepSpeed cannot re-partition ZeRO shards itself
+                saved["data-parallel ranks"] = int(marker.get("world_size", saved_stages)) // saved_stages
+                current["data-parallel ranks"] = dp_world
             # Checkpoints from before the ZeRO stage and precision were recorded: only the stage count is known.
             changed = [key for key, value in saved.items() if value is not None and value != current[key]]
             if changed:

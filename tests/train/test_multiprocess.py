@@ -147,6 +147,17 @@ def test_two_rank_run_resumed_after_completion_continues_exactly(runs):
         assert a["moe"] == s["moe"], a["step"]
 
 
+@pytest.mark.parametrize("new_stage", [1, 0], ids=["zero1", "zero0"])
+def test_two_rank_zero1_checkpoint_resumes_on_one_process(runs, new_stage):
+    """Fewer data-parallel ranks (same global batch): the ZeRO-1 shards merge back, natively for the same ZeRO
+    stage and by parameter name (train/reshard.py) for another."""
+    run_dir = runs.fresh_dir(f"shrink_zero{new_stage}")
+    runs.two_ranks(1, steps=3, run_dir=run_dir)
+    check_ok(run_train([*MP_ARGS, f"parallel=zero{new_stage}", f"run_dir={run_dir}", f"train.max_steps={STEPS}",
+                        f"train.micro_batch_size={2 * MICRO_BATCH}"], cwd=runs.root))
+    assert_same_trajectory(train_records(run_dir), train_records(runs.single()))
+
+
 @pytest.mark.skipif(shutil.which("deepspeed", path=str(BIN_DIR)) is None, reason="deepspeed launcher not installed")
 def test_deepspeed_launcher_two_ranks(runs):
     """The deepspeed launcher appends --local_rank=N to argv; the CLI strips it before Hydra parses."""
