@@ -215,6 +215,10 @@ class _DepthMixingResidual:
             raise ValueError(f"model.attnres_impl={impl!r}: expected one of {ATTNRES_IMPLS}")
         self.eps = eps
         self.impl = impl
+        # True when a parameter holds its values only inside its own module's call (the engine sets it under
+        # ZeRO-3, which gathers shards around each module's forward and backward): the fused mix then uses no
+        # other module's parameters -- no batching of later queries, no folding of the following norm.
+        self.per_module_parameters = False
 
     def begin(self, embeddings_BTD: torch.Tensor, diagnostics: bool = False) -> ResidualStream:
         return ResidualStream(
@@ -253,8 +257,8 @@ class _DepthMixingResidual:
         if stream.depth_weights is not None or resolve_attnres_impl(self.impl, first.device) != "fused":
             return None
         weight = getattr(norm, "weight", None)
-        if weight is None or weight.numel() != first.shape[-1] or weight.device != first.device:
-            return None  # not an RMSNorm, or a ZeRO-3 shard outside its own forward
+        if self.per_module_parameters or weight is None or weight.shape != first.shape[-1:]:
+            return None
         block = self._block_mixer(stream)
         if block is None:
             return None
@@ -317,9 +321,9 @@ class BlockMixer:
     """The two phases of one Block AttnRes block for one stream (impl ``fused``).
 
     Phase 1 runs when a sublayer of the block first needs it, for that sublayer's query and every later one of
-    the block that is registered and materialised here (on this device with all its elements: a ZeRO-3 shard or
-    another pipeline stage's layer is left for its own turn). Each query's output and log-sum-exp are kept until
-    its sublayer merges its partial-sum source in phase 2.
+    the block that is registered here (a pipeline stage registers only its own layers), unless parameters are
+    valid only inside their own module's call (``per_module_parameters``). Each query's output and log-sum-exp
+    are kept until its sublayer merges its partial-sum source in phase 2.
     """
 
     def __init__(self, strategy: "BlockAttnResidual", stream: ResidualStream, block: int):
@@ -332,28 +336,29 @@ class BlockMixer:
         self.device = first.device
         self.compute_dtype = compute_dtype(first)
         self.phase1, self.phase2 = _two_phase_ops(first.device)
-        # The completed blocks do not change within a block: stacked once, scored once per phase-1 call.
-        self.sources_NTD = torch.stack(stream.sources).reshape(len(stream.sources), -1, first.shape[-1])
-        self.rstd_NT = torch.stack(stream.sources_rstd).reshape(len(stream.sources), -1)
+        self.sources, self.sources_rstd = stream.sources, stream.sources_rstd
         self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _phase1_group(self, query: AttnResQuery) -> list[tuple[int, AttnResQuery]]:
         size = self.strategy.block_size
         group = [(self.sublayer, query)]
+        if self.strategy.per_module_parameters:
+            return group
         for index in range(self.sublayer + 1, (self.block + 1) * size):
             other = self.strategy._queries.get(index)
-            if other is None or index in self.results:
-                continue
-            if other.query.device != self.device or other.query.numel() != self.shape[-1]:
-                continue
-            group.append((index, other))
+            if other is not None and index not in self.results and other.query.device == self.device:
+                group.append((index, other))
         return group
 
     def mix(self, query: AttnResQuery, norm: Optional[nn.Module] = None) -> torch.Tensor:
         if self.sublayer not in self.results:
             group = self._phase1_group(query)
             queries_SD = torch.stack([member.effective_query(self.compute_dtype) for _, member in group])
-            o_STD, lse_ST = self.phase1(self.sources_NTD, self.rstd_NT, queries_SD)
+            # Stacked here, inside the calling query's forward, like every other input of the mix.
+            count, dim = len(self.sources), self.shape[-1]
+            sources_NTD = torch.stack(self.sources).reshape(count, -1, dim)
+            rstd_NT = torch.stack(self.sources_rstd).reshape(count, -1)
+            o_STD, lse_ST = self.phase1(sources_NTD, rstd_NT, queries_SD)
             for position, (index, _) in enumerate(group):
                 self.results[index] = (o_STD[position], lse_ST[position])
         o_TD, lse_T = self.results.pop(self.sublayer)

@@ -167,6 +167,8 @@ class Trainer:
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
+        if self.parallel_cfg.zero_stage == 3 and hasattr(model.residual, "per_module_parameters"):
+            model.residual.per_module_parameters = True  # ZeRO-3 gathers each module's shards only around its call
         if train.activation_checkpointing and stages == 1:
             from .activation_checkpointing import apply_activation_checkpointing
 

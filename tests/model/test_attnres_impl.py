@@ -87,6 +87,15 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
     # Registered: layers 0 and 3 (sublayers 0, 1, 6, 7) and the output mix (8).
     assert calls == [(1, 2), (1, 1), (1, 1), (2, 3), (2, 1), (3, 1)]
 
+    # Parameters valid only inside their own module's call (ZeRO-3): one query per phase 1, norms not folded in.
+    model.residual.register_queries(model.attnres_queries())
+    model.residual.per_module_parameters = True
+    calls.clear()
+    merges.clear()
+    _assert_same(_run(model, "fused"), want)
+    assert calls == [(1, 1)] * 4 + [(2, 1)] * 4 + [(3, 1)]
+    assert merges == [(True, False)] * 3 + [(True, False)] * 3  # only the mixes with a partial sum merge
+
 
 def test_full_attnres_and_diagnostics_use_the_torch_mix_under_fused():
     model = _model(residual="full_attnres")

@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from attnres_train.model import build_model
@@ -12,9 +13,10 @@ TINY = dict(
 )
 
 
-def test_checkpointed_model_gives_identical_loss_gradients_and_moe_counts():
+@pytest.mark.parametrize("impl", ["torch", "fused"])  # fused: the pre-norm comes in from the AttnRes merge
+def test_checkpointed_model_gives_identical_loss_gradients_and_moe_counts(impl):
     torch.manual_seed(0)
-    plain = build_model(TINY).train()
+    plain = build_model({**TINY, "attnres_impl": impl}).train()
     wrapped = copy.deepcopy(plain)
     assert apply_activation_checkpointing(wrapped) == 4
     ids = torch.randint(0, 40, (2, 24))

@@ -110,9 +110,11 @@ def test_zero3_matches_one_process_with_standard_residual(runs):
     assert_same_trajectory(train_records(run_dir), expected)
 
 
-def test_zero3_with_block_attnres(runs):
-    """ZeRO-3 gathers parameters around module forwards: the AttnRes queries must be read inside one."""
-    run_dir, _ = runs.two_ranks(3, steps=2)
+@pytest.mark.parametrize("impl", ["torch", "fused"])
+def test_zero3_with_block_attnres(runs, impl):
+    """ZeRO-3 gathers parameters around module forwards: the AttnRes queries must be read inside one (and the
+    fused two phases batch only queries and norms that are gathered, the others wait for their own forward)."""
+    run_dir, _ = runs.two_ranks(3, f"model.attnres_impl={impl}", steps=2)
     assert_same_trajectory(train_records(run_dir), train_records(runs.single(steps=2)))
 
 
