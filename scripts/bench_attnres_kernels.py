@@ -20,13 +20,7 @@ torch implementations only, to check the script itself.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -34,9 +28,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "kernels"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnres_kernels.reference import phase1_reference, phase2_reference  # noqa: E402
 from attnres_train.model.attnres import attnres_mix, source_rstd  # noqa: E402
+from bench_common import environment, median_seconds, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,13 +48,6 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="small shapes on CPU, torch implementations only")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
-
-
-def _version(package: str):
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 class BlockInputs:
@@ -134,21 +123,9 @@ def time_block(fn, x: BlockInputs, device, repeats, warmup):
     def once():
         for leaf in x.leaves():
             leaf.grad = None
-        outputs = fn(x)
-        torch.autograd.backward(outputs, x.upstream)
+        torch.autograd.backward(fn(x), x.upstream)
 
-    for _ in range(warmup):
-        once()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    return median_seconds(once, device, repeats, warmup)
 
 
 def main(argv=None) -> dict:
@@ -191,20 +168,9 @@ def main(argv=None) -> dict:
         if "fused_speedup_vs_fla" in row:
             print(f"  fused vs fla: {row['fused_speedup_vs_fla']:.2f}x (target >= 1.5x)")
 
-    report = {
-        "benchmark": "bench_attnres_kernels",
-        "dry_run": args.dry_run,
-        "date": datetime.now(timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "triton": _version("triton"), "fla": _version("fla-core")},
-        "config": vars(args),
-        "results": results,
-    }
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"bench_attnres_kernels_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    report = {"benchmark": "bench_attnres_kernels", "dry_run": args.dry_run, **environment(device),
+              "config": vars(args), "results": results}
+    write_report(report, args.out, f"bench_attnres_kernels_{device.type}.json")
     return report
 
 

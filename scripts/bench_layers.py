@@ -12,13 +12,7 @@ forward + backward), and the fraction of the device's bf16 peak. Writes JSON und
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import sys
-import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -26,6 +20,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import environment, median_seconds, write_report  # noqa: E402
 
 from attnres_train.model import ModelConfig  # noqa: E402
 from attnres_train.model.slots import build_sequence_mixer  # noqa: E402
@@ -46,13 +43,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _version(package: str):
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def time_layer(layer, x, repeats, warmup, device):
     grad = torch.randn_like(x)
 
@@ -60,18 +50,7 @@ def time_layer(layer, x, repeats, warmup, device):
         x.grad = None
         layer(x, None).backward(grad)
 
-    for _ in range(warmup):
-        once()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(once, device, repeats, warmup)[0]
 
 
 def main(argv=None) -> dict:
@@ -111,22 +90,10 @@ def main(argv=None) -> dict:
             print(f"{kind:4s} T={tokens:6d}: {row['ms']:9.2f} ms  {row['tokens_per_s']:12,.0f} tok/s  "
                   f"{row['tflops']:7.2f} TFLOP/s{share}")
 
-    report = {
-        "benchmark": "bench_layers",
-        "dry_run": args.dry_run,
-        "date": datetime.now(timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "peak_flops_per_device": peak,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     "triton": _version("triton"), "fla": _version("fla-core"), "flash_attn": _version("flash-attn")},
-        "config": {**vars(args), "dtype": dtype_name, "model": raw},
-        "results": results,
-    }
-    default_out = REPO / "benchmarks" / "results" / f"bench_layers_{args.preset}_{device.type}.json"
-    out = Path(args.out) if args.out else default_out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    report = {"benchmark": "bench_layers", "dry_run": args.dry_run, **environment(device),
+              "peak_flops_per_device": peak, "config": {**vars(args), "dtype": dtype_name, "model": raw},
+              "results": results}
+    write_report(report, args.out, f"bench_layers_{args.preset}_{device.type}.json")
     return report
 
 

@@ -15,13 +15,9 @@ overhead over ``standard``, and with ``--profile`` the top operators of one prof
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -29,10 +25,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnres_train.model import build_model  # noqa: E402
 from attnres_train.model.packing import doc_ids_from_eos  # noqa: E402
 from attnres_train.train.metrics import model_flops_utilization, peak_flops_per_device  # noqa: E402
+from bench_common import environment, synchronize, write_report  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -48,15 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="standard,block_attnres", help="residual[:attnres_impl], comma separated")
     p.add_argument("--profile", action="store_true", help="profile one step per variant; top operators in the JSON")
     p.add_argument("--override", action="append", default=[], help="model field override, e.g. attnres_block_size=4")
-    p.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/bench_train_<preset>_<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="JSON path (default: benchmarks/results/bench_train_<preset>_<device>.json)")
     return p.parse_args(argv)
-
-
-def _version(package: str):
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def load_preset(name: str, overrides: list[str]) -> dict:
@@ -105,11 +97,6 @@ def profile_step(model, optimizer, batch, device, top=25) -> list[dict]:
     key = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0.0), reverse=True)[:top]
     return [{"name": e.key, "calls": e.count, "time_ms": getattr(e, key, 0.0) / 1000} for e in events]
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main(argv=None) -> dict:
@@ -174,31 +161,18 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
 
-    report = {
-        "benchmark": "bench_train",
-        "date": datetime.now(timezone.utc).isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "peak_flops_per_device": peak,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-                     **{name: _version(package) for name, package in
-                        (("triton", "triton"), ("fla", "fla-core"), ("flash_attn", "flash-attn"))}},
-        "config": {**vars(args), "dtype": dtype, "model": base},
-        "results": results,
-    }
+    report = {"benchmark": "bench_train", **environment(device), "peak_flops_per_device": peak,
+              "config": {**vars(args), "dtype": dtype, "model": base}, "results": results}
     print(f"{args.preset} on {report['device']} ({dtype}), {args.micro_batch}x{args.seq_len} tokens/step")
     for variant in variants:
         r = results[variant]
         mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
-        print(f"  {variant:14s} step {1000 * r['step_time_s_median']:8.1f} ms  {r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
+        print(f"  {variant:14s} step {1000 * r['step_time_s_median']:8.1f} ms  "
+              f"{r['tokens_per_s']:12,.0f} tok/s  MFU {mfu}")
     for key, value in results.items():
         if key.endswith("_overhead"):
             print(f"  {key[: -len('_overhead')]} overhead over standard: {100 * value:+.2f}%")
-    out = Path(args.out) if args.out else (
-        REPO / "benchmarks" / "results" / f"bench_train_{args.preset}_{device.type}.json"
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_report(report, args.out, f"bench_train_{args.preset}_{device.type}.json")
     return report
 
 

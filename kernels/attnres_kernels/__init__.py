@@ -7,12 +7,4 @@ imported on demand (they need triton, and a CUDA device to run outside Triton's 
 
 from .reference import phase1_reference, phase2_reference
 
-__all__ = ["phase1_reference", "phase2_reference", "triton_available"]
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+__all__ = ["phase1_reference", "phase2_reference"]

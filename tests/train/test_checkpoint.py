@@ -14,7 +14,6 @@ import dataclasses  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
-import socket  # noqa: E402
 import threading  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -48,19 +47,9 @@ def _manager(root, keep_last=0) -> CheckpointManager:
     return CheckpointManager(root, keep_last=keep_last, rank=0, world_size=1, barrier=_no_barrier)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def engine():
-    deepspeed = pytest.importorskip("deepspeed")
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+def engine(deepspeed_single_process):
+    deepspeed = deepspeed_single_process
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)

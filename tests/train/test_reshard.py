@@ -11,8 +11,6 @@ from pathlib import Path
 
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "attnres_train" / "torch_extensions"))
 
-import socket  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -28,20 +26,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SEQ_LEN = 32
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def deepspeed():
-    deepspeed = pytest.importorskip("deepspeed")
-    if not torch.distributed.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    return deepspeed
+def deepspeed(deepspeed_single_process):
+    return deepspeed_single_process
 
 
 def _optim_cfg(name: str) -> OptimConfig:
