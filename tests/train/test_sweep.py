@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
