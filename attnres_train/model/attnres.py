@@ -337,7 +337,7 @@ class BlockMixer:
         self.compute_dtype = compute_dtype(first)
         self.phase1, self.phase2 = _two_phase_ops(first.device)
         self.sources, self.sources_rstd = stream.sources, stream.sources_rstd
-        self.results: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.results: dict[int, tuple[AttnResQuery, torch.Tensor, torch.Tensor]] = {}
 
     def _phase1_group(self, query: AttnResQuery) -> list[tuple[int, AttnResQuery]]:
         size = self.strategy.block_size
@@ -359,9 +359,13 @@ class BlockMixer:
             sources_NTD = torch.stack(self.sources).reshape(count, -1, dim)
             rstd_NT = torch.stack(self.sources_rstd).reshape(count, -1)
             o_STD, lse_ST = self.phase1(sources_NTD, rstd_NT, queries_SD)
-            for position, (index, _) in enumerate(group):
-                self.results[index] = (o_STD[position], lse_ST[position])
-        o_TD, lse_T = self.results.pop(self.sublayer)
+            for position, (index, member) in enumerate(group):
+                self.results[index] = (member, o_STD[position], lse_ST[position])
+        scored_for, o_TD, lse_T = self.results.pop(self.sublayer)
+        if scored_for is not query:
+            raise RuntimeError(
+                f"AttnRes sublayer {self.sublayer}: phase 1 scored another module's query than the one mixing now "
+                "(register_queries was given a different model's or stage's queries)")
         norm_args = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
         if self.partial is None and norm is None:
             return o_TD.reshape(self.shape)

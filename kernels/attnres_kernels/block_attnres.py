@@ -36,10 +36,11 @@ import triton.language as tl
 @triton.jit
 def _phase1_scores(v_ptr, rstd_ptr, q_ptr, logits_ptr, lse_ptr, N, S, T, D,
                    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
     mask_st = (offs_s[:, None] < S) & mask_t[None, :]
+    TD = T.to(tl.int64) * D  # element offsets of [N or S, T, D] tensors pass 2**31 at realistic sizes
     running_max = tl.full([S_PAD, BLOCK_T], float("-inf"), tl.float32)
     running_sum = tl.zeros([S_PAD, BLOCK_T], tl.float32)
     for i in range(N):
@@ -47,7 +48,7 @@ def _phase1_scores(v_ptr, rstd_ptr, q_ptr, logits_ptr, lse_ptr, N, S, T, D,
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             mask_d = offs_d < D
-            v = tl.load(v_ptr + i * T * D + offs_t[:, None] * D + offs_d[None, :],
+            v = tl.load(v_ptr + i * TD + offs_t[:, None] * D + offs_d[None, :],
                         mask=mask_t[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
             q = tl.load(q_ptr + offs_s[:, None] * D + offs_d[None, :],
                         mask=(offs_s[:, None] < S) & mask_d[None, :], other=0.0).to(tl.float32)
@@ -64,46 +65,45 @@ def _phase1_scores(v_ptr, rstd_ptr, q_ptr, logits_ptr, lse_ptr, N, S, T, D,
 @triton.jit
 def _phase1_mix(v_ptr, logits_ptr, lse_ptr, o_ptr, N, S, T, D,
                 S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
     mask_td = mask_t[:, None] & (offs_d[None, :] < D)
     mask_st = (offs_s[:, None] < S) & mask_t[None, :]
+    TD = T.to(tl.int64) * D
     lse = tl.load(lse_ptr + offs_s[:, None] * T + offs_t[None, :], mask=mask_st, other=0.0)
     acc = tl.zeros([S_PAD, BLOCK_T, BLOCK_D], tl.float32)
     for i in range(N):
         logit = tl.load(logits_ptr + i * S * T + offs_s[:, None] * T + offs_t[None, :], mask=mask_st, other=0.0)
         weight = tl.where(mask_st, tl.exp(logit - lse), 0.0)
-        v = tl.load(v_ptr + i * T * D + offs_t[:, None] * D + offs_d[None, :], mask=mask_td, other=0.0)
+        v = tl.load(v_ptr + i * TD + offs_t[:, None] * D + offs_d[None, :], mask=mask_td, other=0.0)
         acc += weight[:, :, None] * v.to(tl.float32)[None, :, :]
-    o_offsets = offs_s[:, None, None] * T * D + offs_t[None, :, None] * D + offs_d[None, None, :]
+    o_offsets = offs_s[:, None, None] * TD + offs_t[None, :, None] * D + offs_d[None, None, :]
     o_mask = (offs_s[:, None, None] < S) & mask_td[None, :, :]
     tl.store(o_ptr + o_offsets, acc.to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
-def _phase1_score_grads(v_ptr, o_ptr, do_ptr, dlse_ptr, logits_ptr, lse_ptr, rstd_ptr, dp_ptr, dlogits_ptr,
-                        drstd_ptr, N, S, T, D, HAS_DLSE: tl.constexpr,
-                        S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+def _phase1_score_grads(v_ptr, do_ptr, dlse_ptr, logits_ptr, lse_ptr, rstd_ptr, dp_ptr, dlogits_ptr, drstd_ptr,
+                        N, S, T, D, S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
     mask_st = (offs_s[:, None] < S) & mask_t[None, :]
     st_offsets = offs_s[:, None] * T + offs_t[None, :]
+    TD = T.to(tl.int64) * D
     # dp[i] = dO . v_i is accumulated over D chunks in a scratch row owned by this program (no other program
-    # touches these tokens), so dO and every source are read once.
-    delta = tl.zeros([S_PAD, BLOCK_T], tl.float32)
+    # touches these tokens), so dO and every source are read once. The barrier orders each chunk's stores
+    # before the next chunk's loads across the program's threads.
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_td = mask_t[:, None] & (offs_d[None, :] < D)
-        std_offsets = offs_s[:, None, None] * T * D + offs_t[None, :, None] * D + offs_d[None, None, :]
+        std_offsets = offs_s[:, None, None] * TD + offs_t[None, :, None] * D + offs_d[None, None, :]
         std_mask = (offs_s[:, None, None] < S) & mask_td[None, :, :]
         do = tl.load(do_ptr + std_offsets, mask=std_mask, other=0.0).to(tl.float32)
-        o = tl.load(o_ptr + std_offsets, mask=std_mask, other=0.0).to(tl.float32)
-        delta += tl.sum(do * o, axis=2)
         for i in range(N):
-            v = tl.load(v_ptr + i * T * D + offs_t[:, None] * D + offs_d[None, :], mask=mask_td,
+            v = tl.load(v_ptr + i * TD + offs_t[:, None] * D + offs_d[None, :], mask=mask_td,
                         other=0.0).to(tl.float32)
             partial = tl.sum(do * v[None, :, :], axis=2)
             scratch = dp_ptr + i * S * T + st_offsets
@@ -111,11 +111,16 @@ def _phase1_score_grads(v_ptr, o_ptr, do_ptr, dlse_ptr, logits_ptr, lse_ptr, rst
                 tl.store(scratch, partial, mask=mask_st)
             else:
                 tl.store(scratch, tl.load(scratch, mask=mask_st, other=0.0) + partial, mask=mask_st)
+        tl.debug_barrier()
     lse = tl.load(lse_ptr + st_offsets, mask=mask_st, other=0.0)
-    if HAS_DLSE:
-        dlse = tl.load(dlse_ptr + st_offsets, mask=mask_st, other=0.0)
-    else:
-        dlse = tl.zeros([S_PAD, BLOCK_T], tl.float32)
+    dlse = tl.load(dlse_ptr + st_offsets, mask=mask_st, other=0.0)
+    # delta = dO . o = sum_i p_i dp_i, from the fp32 dp (dO . o with o stored in bf16 would lose the small
+    # difference dp - delta that the logit gradient is made of)
+    delta = tl.zeros([S_PAD, BLOCK_T], tl.float32)
+    for i in range(N):
+        logit = tl.load(logits_ptr + i * S * T + st_offsets, mask=mask_st, other=0.0)
+        dp = tl.load(dp_ptr + i * S * T + st_offsets, mask=mask_st, other=0.0)
+        delta += tl.where(mask_st, tl.exp(logit - lse), 0.0) * dp
     for i in range(N):
         logit = tl.load(logits_ptr + i * S * T + st_offsets, mask=mask_st, other=0.0)
         dp = tl.load(dp_ptr + i * S * T + st_offsets, mask=mask_st, other=0.0)
@@ -131,7 +136,7 @@ def _phase1_score_grads(v_ptr, o_ptr, do_ptr, dlse_ptr, logits_ptr, lse_ptr, rst
 @triton.jit
 def _phase1_value_grads(q_ptr, do_ptr, logits_ptr, lse_ptr, dlogits_ptr, rstd_ptr, dv_ptr, N, S, T, D,
                         S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
@@ -139,7 +144,8 @@ def _phase1_value_grads(q_ptr, do_ptr, logits_ptr, lse_ptr, dlogits_ptr, rstd_pt
     mask_td = mask_t[:, None] & mask_d[None, :]
     mask_st = (offs_s[:, None] < S) & mask_t[None, :]
     st_offsets = offs_s[:, None] * T + offs_t[None, :]
-    std_offsets = offs_s[:, None, None] * T * D + offs_t[None, :, None] * D + offs_d[None, None, :]
+    TD = T.to(tl.int64) * D
+    std_offsets = offs_s[:, None, None] * TD + offs_t[None, :, None] * D + offs_d[None, None, :]
     do = tl.load(do_ptr + std_offsets, mask=(offs_s[:, None, None] < S) & mask_td[None, :, :],
                  other=0.0).to(tl.float32)
     q = tl.load(q_ptr + offs_s[:, None] * D + offs_d[None, :], mask=(offs_s[:, None] < S) & mask_d[None, :],
@@ -151,7 +157,7 @@ def _phase1_value_grads(q_ptr, do_ptr, logits_ptr, lse_ptr, dlogits_ptr, rstd_pt
         dlogit = tl.load(dlogits_ptr + i * S * T + st_offsets, mask=mask_st, other=0.0)
         rstd = tl.load(rstd_ptr + i * T + offs_t, mask=mask_t, other=0.0).to(tl.float32)
         dv = tl.sum(prob[:, :, None] * do, axis=0) + rstd[:, None] * tl.sum(dlogit[:, :, None] * q[:, None, :], axis=0)
-        tl.store(dv_ptr + i * T * D + offs_t[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
+        tl.store(dv_ptr + i * TD + offs_t[:, None] * D + offs_d[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=mask_td)
 
 
@@ -177,34 +183,35 @@ class _Phase1(torch.autograd.Function):
             S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
         _phase1_mix[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
             sources_NTD, logits_NST, lse_ST, o_STD, N, S, T, D, S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
-        ctx.save_for_backward(sources_NTD, rstd_NT, queries_SD, o_STD, logits_NST, lse_ST)
+        ctx.save_for_backward(sources_NTD, rstd_NT, queries_SD, logits_NST, lse_ST)
         return o_STD, lse_ST
 
     @staticmethod
     def backward(ctx, do_STD, dlse_ST):
-        sources_NTD, rstd_NT, queries_SD, o_STD, logits_NST, lse_ST = ctx.saved_tensors
+        sources_NTD, rstd_NT, queries_SD, logits_NST, lse_ST = ctx.saved_tensors
         N, T, D = sources_NTD.shape
         S = queries_SD.shape[0]
-        if do_STD is None:
-            do_STD = torch.zeros_like(o_STD)
-        do_STD = do_STD.contiguous()
-        has_dlse = dlse_ST is not None
-        dlse_ST = dlse_ST.contiguous().float() if has_dlse else lse_ST  # unread when has_dlse is False
+        do_STD, dlse_ST = do_STD.contiguous(), dlse_ST.contiguous().float()  # autograd materialises zeros
         dp_NST = torch.empty_like(logits_NST)
         dlogits_NST = torch.empty_like(logits_NST)
         drstd_NT = torch.empty(N, T, device=rstd_NT.device, dtype=torch.float32)
         dv_NTD = torch.empty_like(sources_NTD)
         s_pad, block_t, block_d = _phase1_blocks(S, D)
         _phase1_score_grads[(triton.cdiv(T, block_t),)](
-            sources_NTD, o_STD, do_STD, dlse_ST, logits_NST, lse_ST, rstd_NT, dp_NST, dlogits_NST, drstd_NT,
-            N, S, T, D, HAS_DLSE=has_dlse, S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
+            sources_NTD, do_STD, dlse_ST, logits_NST, lse_ST, rstd_NT, dp_NST, dlogits_NST, drstd_NT,
+            N, S, T, D, S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
         _phase1_value_grads[(triton.cdiv(T, block_t), triton.cdiv(D, block_d))](
             queries_SD, do_STD, logits_NST, lse_ST, dlogits_NST, rstd_NT, dv_NTD, N, S, T, D,
             S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
-        # dq_s = sum_{i,t} dlogit_sit * rstd_it * v_it: one matmul over the N*T rows
+        # dq_s = sum_{i,t} dlogit_sit * rstd_it * v_it: a matmul over the N*T rows, in fp32 (bf16 weights would
+        # round away most of dq), chunked so the fp32 copy of the sources stays small.
         weights_SR = (dlogits_NST * rstd_NT[:, None, :].float()).permute(1, 0, 2).reshape(S, N * T)
-        dq_SD = (weights_SR.to(sources_NTD.dtype) @ sources_NTD.reshape(N * T, D)).to(queries_SD.dtype)
-        return dv_NTD, drstd_NT.to(rstd_NT.dtype), dq_SD
+        rows_RD = sources_NTD.reshape(N * T, D)
+        dq_SD = torch.zeros(S, D, device=queries_SD.device, dtype=torch.float32)
+        chunk = max(1, (1 << 24) // D)
+        for start in range(0, N * T, chunk):
+            dq_SD += weights_SR[:, start:start + chunk] @ rows_RD[start:start + chunk].float()
+        return dv_NTD, drstd_NT.to(rstd_NT.dtype), dq_SD.to(queries_SD.dtype)
 
 
 def block_phase1(
@@ -231,9 +238,10 @@ def _phase2_forward(o_ptr, lse_ptr, p_ptr, prstd_ptr, q_ptr, w_ptr, y_ptr, plogi
     for r in range(ROWS):
         t = tl.program_id(0) * ROWS + r
         if t < T:
-            h = tl.load(o_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            row = t.to(tl.int64) * D
+            h = tl.load(o_ptr + row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             if HAS_PARTIAL:
-                p = tl.load(p_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                p = tl.load(p_ptr + row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
                 lse = tl.load(lse_ptr + t)
                 plogit = tl.load(prstd_ptr + t).to(tl.float32) * tl.sum(p * q, axis=0)
                 tl.store(plogit_ptr + t, plogit)
@@ -243,7 +251,7 @@ def _phase2_forward(o_ptr, lse_ptr, p_ptr, prstd_ptr, q_ptr, w_ptr, y_ptr, plogi
                 nrstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
                 tl.store(nrstd_ptr + t, nrstd)
                 h = h * nrstd * w
-            tl.store(y_ptr + t * D + offs_d, h.to(y_ptr.dtype.element_ty), mask=mask_d)
+            tl.store(y_ptr + row + offs_d, h.to(y_ptr.dtype.element_ty), mask=mask_d)
 
 
 @triton.jit
@@ -261,11 +269,12 @@ def _phase2_backward(dy_ptr, o_ptr, lse_ptr, p_ptr, prstd_ptr, q_ptr, w_ptr, plo
     for r in range(ROWS):
         t = tl.program_id(0) * ROWS + r
         if t < T:
-            o = tl.load(o_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-            dh = tl.load(dy_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            row = t.to(tl.int64) * D
+            o = tl.load(o_ptr + row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            dh = tl.load(dy_ptr + row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
             h = o
             if HAS_PARTIAL:
-                p = tl.load(p_ptr + t * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+                p = tl.load(p_ptr + row + offs_d, mask=mask_d, other=0.0).to(tl.float32)
                 lse = tl.load(lse_ptr + t)
                 plogit = tl.load(plogit_ptr + t)
                 share = 1.0 / (1.0 + tl.exp(lse - plogit))
@@ -276,17 +285,17 @@ def _phase2_backward(dy_ptr, o_ptr, lse_ptr, p_ptr, prstd_ptr, q_ptr, w_ptr, plo
                 g = dh * w
                 dh = nrstd * g - h * (nrstd * nrstd * nrstd) * tl.sum(g * h, axis=0) / D
             if HAS_PARTIAL:
-                tl.store(do_ptr + t * D + offs_d, ((1.0 - share) * dh).to(do_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(do_ptr + row + offs_d, ((1.0 - share) * dh).to(do_ptr.dtype.element_ty), mask=mask_d)
                 # share = sigmoid(plogit - lse): d share / d plogit = share * (1 - share)
                 dz = (tl.sum(dh * p, axis=0) - tl.sum(dh * o, axis=0)) * share * (1.0 - share)
                 tl.store(dlse_ptr + t, -dz)
                 prstd = tl.load(prstd_ptr + t).to(tl.float32)
                 dp = share * dh + dz * prstd * q
-                tl.store(dp_ptr + t * D + offs_d, dp.to(dp_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(dp_ptr + row + offs_d, dp.to(dp_ptr.dtype.element_ty), mask=mask_d)
                 tl.store(dprstd_ptr + t, dz * tl.sum(p * q, axis=0))
                 dq_acc += dz * prstd * p
             else:
-                tl.store(do_ptr + t * D + offs_d, dh.to(do_ptr.dtype.element_ty), mask=mask_d)
+                tl.store(do_ptr + row + offs_d, dh.to(do_ptr.dtype.element_ty), mask=mask_d)
     if HAS_PARTIAL:
         tl.store(dq_part_ptr + tl.program_id(0) * D + offs_d, dq_acc, mask=mask_d)
     if HAS_NORM:
@@ -294,6 +303,11 @@ def _phase2_backward(dy_ptr, o_ptr, lse_ptr, p_ptr, prstd_ptr, q_ptr, w_ptr, plo
 
 
 _PHASE2_ROWS = 32  # rows per program: the weight/query gradient partials stay T / 32 x D
+
+
+def _phase2_warps(block_d: int) -> int:
+    # one row of D per program: wide rows need more threads to keep the live fp32 vectors in registers
+    return 4 if block_d <= 1024 else 8 if block_d <= 4096 else 16
 
 
 class _Phase2(torch.autograd.Function):
@@ -311,7 +325,8 @@ class _Phase2(torch.autograd.Function):
         nrstd_T = torch.empty(T, device=o_TD.device, dtype=torch.float32)
         _phase2_forward[(triton.cdiv(T, _PHASE2_ROWS),)](
             o_TD, lse_T, partial_TD, partial_rstd_T, query_D, weight_D, y_TD, plogit_T, nrstd_T, T, D, norm_eps,
-            HAS_PARTIAL=has_partial, HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=triton.next_power_of_2(D))
+            HAS_PARTIAL=has_partial, HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=triton.next_power_of_2(D),
+            num_warps=_phase2_warps(triton.next_power_of_2(D)))
         ctx.save_for_backward(o_TD, lse_T, partial_TD, partial_rstd_T, query_D, weight_D, plogit_T, nrstd_T)
         ctx.flags = (has_partial, has_norm)
         return y_TD
@@ -331,7 +346,8 @@ class _Phase2(torch.autograd.Function):
         _phase2_backward[(programs,)](
             dy_TD.contiguous(), o_TD, lse_T, partial_TD, partial_rstd_T, query_D, weight_D, plogit_T, nrstd_T,
             do_TD, dlse_T, dp_TD, dprstd_T, dq_parts, dw_parts, T, D,
-            HAS_PARTIAL=has_partial, HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=triton.next_power_of_2(D))
+            HAS_PARTIAL=has_partial, HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=triton.next_power_of_2(D),
+            num_warps=_phase2_warps(triton.next_power_of_2(D)))
         if not has_partial:
             return do_TD, None, None, None, None, (dw_parts.sum(0).to(weight_D.dtype) if has_norm else None), None
         return (do_TD, dlse_T, dp_TD, dprstd_T.to(partial_rstd_T.dtype), dq_parts.sum(0).to(query_D.dtype),

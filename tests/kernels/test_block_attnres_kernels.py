@@ -31,8 +31,9 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 SHAPES = [(1, 1, 5, 16), (3, 4, 37, 48), (5, 6, 64, 128), (8, 3, 19, 96)]
 SHAPES_GPU = SHAPES + [(8, 6, 4096, 2048), (9, 6, 1000, 4096)]
 # Largest error relative to the tensor's largest magnitude, against a float64 reference: fp32 kernels agree to
-# fp32 rounding; bf16 ones to bf16 storage of inputs and outputs (fp32 arithmetic inside).
-TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# fp32 rounding; bf16 ones to about two bf16 roundings (2**-8 each) of their stored outputs and gradients, the
+# arithmetic inside being fp32.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
 def _phase1_inputs(N, S, T, D, dtype, seed=0):
@@ -112,10 +113,51 @@ def test_phase1_matches_reference_fp32(shape):
     _phase1_case(shape, torch.float32)
 
 
+@pytest.mark.parametrize("T,D", [(45, 80), (1, 3), (33, 100), (70, 257)])
 @pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "normed"])
 @pytest.mark.parametrize("with_partial", [False, True], ids=["block_start", "with_partial"])
-def test_phase2_matches_reference_fp32(with_partial, with_norm):
-    _phase2_case(45, 80, torch.float32, with_partial, with_norm)
+def test_phase2_matches_reference_fp32(with_partial, with_norm, T, D):
+    if with_norm and D < 8:
+        pytest.skip("the RMSNorm gradient of a 3-wide row is all cancellation")
+    _phase2_case(T, D, torch.float32, with_partial, with_norm)
+
+
+def test_bf16_kernels_match_reference():
+    """bf16 storage, fp32 arithmetic: outputs to bf16 rounding, gradients as close (the logit gradient is built
+    from the fp32 dO . v, not from the bf16-rounded output)."""
+    _phase1_case((4, 4, 96, 64), torch.bfloat16)
+    _phase2_case(45, 80, torch.bfloat16, True, True)
+
+
+def test_kernels_inside_the_model_match_the_torch_mix(monkeypatch):
+    """The whole model with the Triton phases swapped in for the torch ones: views of the phase-1 outputs,
+    log-sum-exp gradients from several sublayers, the final norm folded into phase 2."""
+    import attnres_train.model.attnres as attnres
+    from attnres_train.model import build_model
+
+    kernels = _kernels()
+    cfg = dict(vocab_size=50, hidden_size=32, num_layers=3, hybrid_ratio=1, linear_num_heads=2, linear_head_dim=16,
+               linear_chunk_size=8, mla_num_heads=2, mla_kv_lora_rank=16, mla_qk_nope_head_dim=16,
+               mla_v_head_dim=16, mlp="dense", ffn_dim=48, residual="block_attnres", attnres_block_size=4)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEVICE)
+    with torch.no_grad():
+        for query in model.attnres_queries().values():
+            query.query.normal_()
+    input_ids = torch.randint(0, 50, (2, 12), device=DEVICE)
+    results = []
+    for impl in ("torch", "fused"):
+        model.residual.impl = impl
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids).logits
+        logits.square().mean().backward()
+        results.append((logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (kernels.block_phase1, kernels.block_phase2))
+    (want_logits, want_grads), (got_logits, got_grads) = results
+    _compare([got_logits], [want_logits], torch.float32, "logits")
+    for name, grad in want_grads.items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        assert ((got_grads[name] - grad).abs().max() / scale).item() < 1e-4, name
 
 
 @pytest.mark.gpu
