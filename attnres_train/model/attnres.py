@@ -175,6 +175,7 @@ class ResidualStream:
     depth_weights: Optional[list[torch.Tensor]] = None  # per mix: mean weight per source over tokens [N]
     input_rms: Optional[list[torch.Tensor]] = None  # per sublayer: RMS of its input h, mean over tokens
     block_mixer: Optional["BlockMixer"] = None  # impl fused: phase-1 results of the current block
+    horizon: Optional[int] = None  # the stream is dropped before this sublayer: phase 1 batches no query past it
 
 
 class StandardResidual:
@@ -337,6 +338,7 @@ class BlockMixer:
         self.compute_dtype = compute_dtype(first)
         self.phase1, self.phase2 = _two_phase_ops(first.device)
         self.sources, self.sources_rstd = stream.sources, stream.sources_rstd
+        self.horizon = stream.horizon
         self.results: dict[int, tuple[AttnResQuery, torch.Tensor, torch.Tensor]] = {}
 
     def _phase1_group(self, query: AttnResQuery) -> list[tuple[int, AttnResQuery]]:
@@ -344,7 +346,8 @@ class BlockMixer:
         group = [(self.sublayer, query)]
         if self.strategy.per_module_parameters:
             return group
-        for index in range(self.sublayer + 1, (self.block + 1) * size):
+        end = (self.block + 1) * size if self.horizon is None else min((self.block + 1) * size, self.horizon)
+        for index in range(self.sublayer + 1, end):
             other = self.strategy._queries.get(index)
             if other is not None and index not in self.results and other.query.device == self.device:
                 group.append((index, other))

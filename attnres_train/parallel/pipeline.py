@@ -221,6 +221,8 @@ class DecoderLayerStage(_PipelineLayer):
 
     def forward(self, inputs):
         state = self._to_state(inputs, layers_before=self.index)
+        if self.emits_wire:  # the stream ends with this layer: later sublayers get a stream of their own
+            state.stream.horizon = 2 * (self.index + 1)
         aux_losses: list[torch.Tensor] = []
         self.decoder_layer(state.stream, self._strategy, state.layout, aux_losses)
         if aux_losses:

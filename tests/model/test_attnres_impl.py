@@ -186,3 +186,29 @@ def test_gpu_impls_match_torch_in_the_whole_model(impl, dtype):
         model = model.to(torch.bfloat16)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     _assert_same(_run_cuda(model, impl, dtype), _run_cuda(model, "torch", dtype), tolerance=tolerance)
+
+
+def test_pipeline_layers_that_end_their_stream_batch_only_their_own_queries(monkeypatch):
+    """With every pipeline layer speaking the wire format (DeepSpeed's activation checkpointing), each layer
+    gets a fresh stream: phase 1 batches that layer's two queries, not the rest of the block."""
+    from attnres_train.parallel.pipeline import pipeline_layers
+
+    model = _model(residual="block_attnres", attnres_block_size=4)
+    calls = []
+
+    def counting_phase1(sources_NTD, rstd_NT, queries_SD):
+        calls.append((sources_NTD.shape[0], queries_SD.shape[0]))
+        return phase1_reference(sources_NTD, rstd_NT, queries_SD)
+
+    input_ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
+    want = model(input_ids).logits
+    monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, phase2_reference))
+    model.residual.impl = "fused"
+    layers = pipeline_layers(model)
+    for layer in layers:
+        layer.emits_wire = True
+    out = input_ids
+    for layer in layers:
+        out = layer(out)
+    torch.testing.assert_close(out[0], want, rtol=1e-10, atol=1e-10)
+    assert calls == [(1, 2), (1, 2), (2, 2), (2, 2), (3, 1)]
