@@ -402,6 +402,8 @@ class CheckpointManager:
             "pipeline_stages": client_state.get("pipeline_stages", 1),
             "zero_stage": client_state.get("zero_stage"),
             "precision": client_state.get("precision"),
+            "pipeline_parts": client_state.get("pipeline_parts"),
+            "optimizer": client_state.get("optimizer"),
             "config_fingerprint": client_state.get(FINGERPRINT_KEY),
             # Lets a resume name the differing fields before DeepSpeed reads any tensor (no shape traceback).
             MODEL_CONFIG_KEY: client_state.get(MODEL_CONFIG_KEY),
@@ -498,9 +500,10 @@ class CheckpointManager:
             raise
         except Exception as error:
             culprit = self._find_unreadable_file(tag_dir, marker)
+            reason = "restoring it by parameter name failed" if restore is not None else "DeepSpeed rejected it"
             raise CheckpointError(
                 f"checkpoint {tag_dir} could not be loaded: "
-                f"{'unreadable file ' + culprit if culprit else 'DeepSpeed rejected it'} "
+                f"{'unreadable file ' + culprit if culprit else reason} "
                 f"[{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'}]; "
                 f"the engine may be partly loaded; other complete checkpoints: "
                 f"{[other for other in self.complete_tags() if other != tag] or 'none'}"

@@ -47,7 +47,7 @@ from .engine import DistributedContext, deepspeed_config, initialize_engine, res
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer, param_group_names
 from .pipelined import build_stage_module, pipeline_batches, pipeline_traffic, pipeline_validation_loss
-from .reshard import OPTIMIZER_NAMES_KEY, pipeline_to_model_name
+from .reshard import OPTIMIZER_NAMES_KEY, layout_changes, pipeline_to_model_name
 from .rng import capture_rng_state, restore_rng_state
 from .run_state import (
     FAILED_NAME,
@@ -163,7 +163,7 @@ class Trainer:
             world_size=ctx.world_size,
             barrier=ctx.barrier,
         )
-        resume_tag, resume_stages = self._resume_target(checkpoints, precision, dp_world)
+        resume_tag, resume_marker = self._resume_target(checkpoints)
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
@@ -200,10 +200,14 @@ class Trainer:
         dp_group = engine.grid.get_data_parallel_group() if stages > 1 else None
 
         step, tokens_seen = 0, 0
+        layout = self._layout(precision, dp_world, trained_module)
         if resume_tag is not None:
             restore = None
-            if resume_stages is not None:  # saved under another layout: read it by parameter name
-                restore = self._layout_change_restore(resume_stages, stages)
+            changes = layout_changes(resume_marker, layout, checkpoints.root_dir / resume_tag)
+            if changes:  # saved under another layout: read it back by parameter name
+                _log.warning("checkpoint %s was saved under another parallel layout (%s): resuming it by parameter "
+                             "name", checkpoints.root_dir / resume_tag, "; ".join(changes))
+                restore = self._layout_change_restore(int(resume_marker.get("pipeline_stages") or 1), stages)
             client_state = checkpoints.load(engine, tag=resume_tag, restore=restore)
             step = int(client_state["step"])
             tokens_seen = int(client_state["tokens_seen"])
@@ -315,7 +319,7 @@ class Trainer:
                 stopped_by = self._agreed_stop(stop, ctx)
                 periodic = train.checkpoint_every and step % train.checkpoint_every == 0
                 if periodic or step == total_steps or stopped_by:
-                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader, precision)
+                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader, layout)
                     window_start = time.perf_counter()
                     window_steps = 0
                 if stopped_by:
@@ -340,56 +344,37 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------------
-    def _resume_target(
-        self, checkpoints: CheckpointManager, precision: str, dp_world: int
-    ) -> tuple[Optional[str], Optional[int]]:
-        """The tag to resume from, and the pipeline stage count it was saved with when it was saved under another
-        parallel layout (stage count, ZeRO stage, precision, or data-parallel degree with ZeRO shards), else
-        None."""
+    def _resume_target(self, checkpoints: CheckpointManager) -> tuple[Optional[str], dict]:
+        """The tag to resume from (None: start fresh) and its marker, once the model config is known to match."""
         mode = self.train_cfg.resume
         if mode == "never":
-            return None, None
+            return None, {}
         if mode == "auto":
             latest = checkpoints.latest()
             tag = latest[0] if latest is not None else None
         else:
             tag = self._explicit_resume_tag(checkpoints, mode)
-        if tag is not None:
-            marker = checkpoints.read_marker(tag) or {}
-            saved_model_cfg = marker.get(MODEL_CONFIG_KEY)
-            # Nested under "model" so the differing fields are named as on the command line (model.hidden_size).
-            validate_fingerprint(
-                {
-                    FINGERPRINT_KEY: marker.get("config_fingerprint"),
-                    MODEL_CONFIG_KEY: {"model": saved_model_cfg} if isinstance(saved_model_cfg, dict) else None,
-                },
-                config_fingerprint(self.model_cfg.to_dict()),
-                current_model_config={"model": self.model_cfg.to_dict()},
-            )
-            saved_stages = marker.get("pipeline_stages", 1)
-            saved = {"parallel.pipeline_stages": saved_stages,
-                     "parallel.zero_stage": marker.get("zero_stage"), "train.precision": marker.get("precision")}
-            current = {"parallel.pipeline_stages": self.parallel_cfg.pipeline_stages,
-                       "parallel.zero_stage": self.parallel_cfg.zero_stage, "train.precision": precision}
-            if (marker.get("zero_stage") or 0) >= 1:  # DeepSpeed cannot re-partition ZeRO shards itself
-                saved["data-parallel ranks"] = int(marker.get("world_size", saved_stages)) // saved_stages
-                current["data-parallel ranks"] = dp_world
-            # Checkpoints from before the ZeRO stage and precision were recorded: only the stage count is known.
-            changed = [key for key, value in saved.items() if value is not None and value != current[key]]
-            if changed:
-                if 3 in (saved["parallel.zero_stage"], current["parallel.zero_stage"]):
-                    raise CheckpointError(
-                        f"checkpoint {checkpoints.root_dir / tag} was saved with "
-                        f"{', '.join(f'{key}={saved[key]}' for key in changed)}; a layout change to or from "
-                        f"ZeRO-3 is not supported (resume with "
-                        f"{', '.join(f'{key}={saved[key]}' for key in changed)})"
-                    )
-                _log.warning(
-                    "checkpoint %s was saved with %s; this run has %s: resuming it by parameter name",
-                    checkpoints.root_dir / tag, ", ".join(f"{key}={saved[key]}" for key in changed),
-                    ", ".join(f"{key}={current[key]}" for key in changed))
-                return tag, saved["parallel.pipeline_stages"]
-        return tag, None
+        if tag is None:
+            return None, {}
+        marker = checkpoints.read_marker(tag) or {}
+        saved_model_cfg = marker.get(MODEL_CONFIG_KEY)
+        # Nested under "model" so the differing fields are named as on the command line (model.hidden_size).
+        validate_fingerprint(
+            {
+                FINGERPRINT_KEY: marker.get("config_fingerprint"),
+                MODEL_CONFIG_KEY: {"model": saved_model_cfg} if isinstance(saved_model_cfg, dict) else None,
+            },
+            config_fingerprint(self.model_cfg.to_dict()),
+            current_model_config={"model": self.model_cfg.to_dict()},
+        )
+        return tag, marker
+
+    def _layout(self, precision: str, dp_world: int, trained_module) -> dict:
+        """This run's parallel layout, in the terms checkpoints record (``reshard.layout_changes``)."""
+        stages = self.parallel_cfg.pipeline_stages
+        return {"pipeline_stages": stages, "pipeline_parts": list(trained_module.parts) if stages > 1 else None,
+                "zero_stage": self.parallel_cfg.zero_stage, "precision": precision, "data_parallel": dp_world,
+                "optimizer": self.optim_cfg.name}
 
     def _layout_change_restore(self, saved_stages: int, stages: int):
         from .reshard import SavedTrainingState, restore_engine
@@ -416,7 +401,7 @@ class Trainer:
         """Translation of the trained module's parameter names to the plain model's."""
         return pipeline_to_model_name(self.model_cfg.num_layers) if stages > 1 else (lambda name: name)
 
-    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, precision):
+    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, layout):
         stages = self.parallel_cfg.pipeline_stages
         to_model_name = self._to_model_name(stages)
         client_state = {
@@ -424,9 +409,8 @@ class Trainer:
             "tokens_seen": tokens_seen,
             "train_loader": train_loader.state_dict(),
             "world_size": ctx.world_size,
-            "pipeline_stages": stages,
-            "zero_stage": self.parallel_cfg.zero_stage,
-            "precision": precision,
+            **{key: layout[key] for key in ("pipeline_stages", "pipeline_parts", "zero_stage", "precision",
+                                            "optimizer")},
             # This rank's optimizer order (its stage's, under pipelining; DeepSpeed stores each stage's client
             # state with that stage's files): lets another layout match unpartitioned optimizer state by name.
             OPTIMIZER_NAMES_KEY: [[to_model_name(name) for name in group]

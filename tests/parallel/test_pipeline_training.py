@@ -92,7 +92,7 @@ def test_pipeline_checkpoint_resumes_with_one_stage_and_back(single_process_run,
     one_stage = check_ok(run_train([*ARGS, "parallel=zero0", f"run_dir={run_dir}", "train.max_steps=4"], cwd=tmp_path))
     assert "resumed_from=step_00000002" in one_stage.stdout
     output = one_stage.stdout + one_stage.stderr  # Hydra's log handler writes to stdout
-    assert "parallel.pipeline_stages=2" in output and "by parameter name" in output
+    assert "parallel.pipeline_stages: 2 -> 1" in output and "by parameter name" in output
     records = {r["step"]: r for r in train_records(run_dir)}
     assert sorted(records) == [1, 2, 3, 4]
     for step in (3, 4):  # step 4's loss depends on the Adam moments restored at step 2
@@ -114,3 +114,25 @@ def test_pipeline_rejects_zero2_and_stage_counts_that_do_not_divide(tmp_path):
     assert bad_zero.returncode != 0 and "parallel.zero_stage" in bad_zero.stderr
     bad_split = run_train([*ARGS, "parallel.pipeline_stages=2", f"run_dir={tmp_path / 'b'}"], cwd=tmp_path)
     assert bad_split.returncode != 0 and "parallel.pipeline_stages=2" in bad_split.stderr
+
+
+def test_moved_stage_cut_and_pipelined_bf16_resume_by_parameter_name(single_process_run, tmp_path):
+    """The same stage count with another cut is another layout too; DeepSpeed's pipelined bf16 optimizer without
+    ZeRO cannot read back its own shards, so such checkpoints always resume by name."""
+    expected = {r["step"]: r for r in train_records(single_process_run)}
+    run_dir = tmp_path / "cut"
+    check_ok(_pipeline(tmp_path, run_dir, 2, "parallel.pipeline_boundaries=[1]"))
+    moved = check_ok(_pipeline(tmp_path, run_dir, 4, "parallel.pipeline_boundaries=[3]"))
+    assert "pipeline stage cuts: [0, 2, 6] -> [0, 4, 6]" in moved.stdout + moved.stderr
+    records = {r["step"]: r for r in train_records(run_dir)}
+    for step in (3, 4):
+        assert _close(records[step]["loss"], expected[step]["loss"]), (step, records[step], expected[step])
+
+    bf16_dir = tmp_path / "bf16"
+    bf16 = ("train.precision=bf16", "parallel=zero0")
+    check_ok(_pipeline(tmp_path, bf16_dir, 2, *bf16))
+    again = check_ok(_pipeline(tmp_path, bf16_dir, 3, *bf16))
+    assert "resumed_from=step_00000002" in again.stdout and "by parameter name" in again.stdout + again.stderr
+    check_ok(run_train([*ARGS, *bf16, f"run_dir={bf16_dir}", "train.max_steps=4"], cwd=tmp_path))
+    losses = [r["loss"] for r in train_records(bf16_dir)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[3] < losses[0]

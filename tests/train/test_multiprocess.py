@@ -151,8 +151,8 @@ def test_two_rank_run_resumed_after_completion_continues_exactly(runs):
 
 @pytest.mark.parametrize("new_stage", [1, 0], ids=["zero1", "zero0"])
 def test_two_rank_zero1_checkpoint_resumes_on_one_process(runs, new_stage):
-    """Fewer data-parallel ranks (same global batch): the ZeRO-1 shards merge back, natively for the same ZeRO
-    stage and by parameter name (train/reshard.py) for another."""
+    """Fewer data-parallel ranks (same global batch): DeepSpeed refuses to re-partition ZeRO shards, so the
+    shards merge back by parameter name (train/reshard.py), into ZeRO-1 or ZeRO-0 alike."""
     run_dir = runs.fresh_dir(f"shrink_zero{new_stage}")
     runs.two_ranks(1, steps=3, run_dir=run_dir)
     check_ok(run_train([*MP_ARGS, f"parallel=zero{new_stage}", f"run_dir={run_dir}", f"train.max_steps={STEPS}",

@@ -19,7 +19,12 @@ import yaml  # noqa: E402
 from attnres_train.model import build_model  # noqa: E402
 from attnres_train.train.checkpoint import CheckpointError, CheckpointManager  # noqa: E402
 from attnres_train.train.optim import OptimConfig, build_optimizer, param_group_names  # noqa: E402
-from attnres_train.train.reshard import OPTIMIZER_NAMES_KEY, SavedTrainingState, restore_engine  # noqa: E402
+from attnres_train.train.reshard import (  # noqa: E402
+    OPTIMIZER_NAMES_KEY,
+    SavedTrainingState,
+    layout_changes,
+    restore_engine,
+)
 from attnres_train.train.schedule import build_lr_scheduler  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -68,8 +73,9 @@ def _train(engine, steps: int, seed: int) -> float:
     return loss.item()
 
 
-def _full_state(engine) -> dict[str, dict[str, torch.Tensor]]:
-    """name -> {"master", optimizer keys...} through DeepSpeed's public accessors (or the plain optimizer)."""
+def _full_state(engine, relink: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+    """name -> {"master", optimizer keys...} through DeepSpeed's public accessors (or the plain optimizer).
+    ``relink=False`` relies on the engine's own links from its state to the accessors' views."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     optimizer = engine.optimizer
@@ -83,8 +89,9 @@ def _full_state(engine) -> dict[str, dict[str, torch.Tensor]]:
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is not None:
             # DeepSpeed refreshes these views only on some code paths; point them at the live state first.
-            flat = optimizer.optimizer.param_groups[mapping.param_group_index]["params"][0]
-            mapping.set_optim_state_fragment(flat, optimizer.optimizer.state[flat])
+            if relink:
+                flat = optimizer.optimizer.param_groups[mapping.param_group_index]["params"][0]
+                mapping.set_optim_state_fragment(flat, optimizer.optimizer.state[flat])
             entry = {"master": safe_get_full_fp32_param(param)}
             for key in ("exp_avg", "exp_avg_sq"):
                 entry[key] = safe_get_full_optimizer_state(param, key)
@@ -130,14 +137,19 @@ def test_restore_into_another_layout_is_exact(deepspeed, tmp_path, saved_layout,
     client_state = restore_engine(target, SavedTrainingState(tag_dir, pipeline_stages=1, num_layers=4),
                                   lambda name: name)
     assert client_state["step"] == 3
-    restored = _full_state(target)
+    restored = _full_state(target, relink=False)  # the restore links DeepSpeed's accessor views itself
     assert restored.keys() == expected.keys()
     for name, entry in expected.items():
         assert restored[name].keys() == entry.keys(), name
         for key, value in entry.items():
             assert torch.equal(restored[name][key], value), (name, key)
-    # The saved count, whatever it is (DeepSpeed's bf16 ZeRO-0 wrapper counts one extra step at init).
-    assert _steps(target) == _steps(source) and len(_steps(source)) == 1
+    # DeepSpeed's bf16 ZeRO-0 wrapper takes one zero-gradient step at init: its Adam count runs one ahead, and
+    # a restore gives each optimizer the count it would have had after the same 3 training steps.
+    def init_steps(layout):
+        return int(layout == (0, "bf16"))
+
+    assert _steps(source) == {3.0 + init_steps(saved_layout)}
+    assert _steps(target) == {3.0 + init_steps(new_layout)}
     assert target.lr_scheduler.get_last_lr() == source.lr_scheduler.get_last_lr()
     assert [g["lr"] for g in target.optimizer.param_groups] == [g["lr"] for g in source.optimizer.param_groups]
     assert target.global_steps == source.global_steps == 3
@@ -161,6 +173,11 @@ def test_muon_state_restores_and_a_different_optimizer_is_refused(deepspeed, tmp
             assert torch.equal(restored[name][key], value), (name, key)
     assert any("momentum_buffer" in entry for entry in restored.values())
 
+    # Muon state cannot become ZeRO-1 AdamW state (no Adam moments for the matrices).
+    zero1_adamw, _ = _engine(deepspeed, 1, "fp32", optimizer="adamw")
+    with pytest.raises(CheckpointError, match="exp_avg"):
+        restore_engine(zero1_adamw, SavedTrainingState(tag_dir, pipeline_stages=1, num_layers=4), lambda name: name)
+
     adamw, _ = _engine(deepspeed, 1, "fp32", optimizer="adamw")
     _train(adamw, steps=1, seed=1)
     flat_dir = _save(adamw, _optim_cfg("adamw"), tmp_path / "adamw", step=1)
@@ -183,3 +200,36 @@ def test_unnamed_or_incomplete_checkpoints_are_refused_with_the_file(deepspeed, 
     tag_dir = _save(zero1, zero1_cfg, tmp_path / "z1", step=1)
     with pytest.raises(CheckpointError, match="expected 2 mp_rank"):
         SavedTrainingState(tag_dir, pipeline_stages=2, num_layers=4)
+
+
+def _marker(**fields):
+    base = {"pipeline_stages": 1, "zero_stage": 1, "precision": "fp32", "pipeline_parts": None,
+            "optimizer": "adamw", "world_size": 2,
+            "files": {"mp_rank_00_model_states.pt": 1, "zero_pp_rank_0_mp_rank_00_optim_states.pt": 1,
+                      "zero_pp_rank_1_mp_rank_00_optim_states.pt": 1}}
+    return {**base, **fields}
+
+
+CURRENT = {"pipeline_stages": 1, "pipeline_parts": None, "zero_stage": 1, "precision": "fp32", "data_parallel": 2,
+           "optimizer": "adamw"}
+
+
+def test_layout_changes_name_what_differs_and_refuse_what_cannot_carry_over(tmp_path):
+    assert layout_changes(_marker(), CURRENT, tmp_path) == []
+    assert layout_changes(_marker(), {**CURRENT, "data_parallel": 1}, tmp_path) == ["data-parallel ranks: 2 -> 1"]
+    unsharded = _marker(zero_stage=0, files={"mp_rank_00_model_states.pt": 1})
+    assert layout_changes(unsharded, {**CURRENT, "zero_stage": 0, "data_parallel": 1}, tmp_path) == []
+    shards = {"zero_pp_rank_0_mp_rank_00_optim_states.pt": 1, "zero_pp_rank_0_mp_rank_01_optim_states.pt": 1}
+    piped = _marker(pipeline_stages=2, pipeline_parts=[0, 3, 6], world_size=2, files=shards)
+    moved_cut = {**CURRENT, "pipeline_stages": 2, "pipeline_parts": [0, 4, 6], "data_parallel": 1}
+    assert layout_changes(piped, moved_cut, tmp_path) == ["pipeline stage cuts: [0, 3, 6] -> [0, 4, 6]"]
+    # DeepSpeed cannot read back its own pipelined bf16 optimizer shards: always by name.
+    bf16_pipe = {**piped, "zero_stage": 0, "precision": "bf16"}
+    same = {**moved_cut, "pipeline_parts": [0, 3, 6], "zero_stage": 0, "precision": "bf16"}
+    assert layout_changes(bf16_pipe, same, tmp_path)
+    # Fields an older checkpoint did not record count as unchanged.
+    assert layout_changes({"pipeline_stages": 1, "files": {}}, CURRENT, tmp_path) == []
+    with pytest.raises(CheckpointError, match="optim.name=muon.*optim.name=adamw"):
+        layout_changes(_marker(optimizer="muon"), CURRENT, tmp_path)
+    with pytest.raises(CheckpointError, match="ZeRO-3"):
+        layout_changes(_marker(), {**CURRENT, "zero_stage": 3}, tmp_path)
