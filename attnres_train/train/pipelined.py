@@ -7,7 +7,7 @@ Used by ``Trainer`` when ``parallel.pipeline_stages > 1``; the stage wrapping it
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -77,3 +77,41 @@ def pipeline_batches(loader, device: torch.device):
             (batch["input_ids"].to(device, non_blocking=True), batch["doc_ids"].to(device, non_blocking=True)),
             batch["labels"].to(device, non_blocking=True),
         )
+
+
+def needs_own_clipping(parallel: ParallelConfig, precision: str) -> bool:
+    """fp32 ZeRO-0 pipelines: DeepSpeed's ``clip_grad_norm_`` there counts only the first stage's gradients in
+    the norm (it treats the pipeline group as tensor-parallel replicas of stage 0), so every stage would clip by
+    the wrong norm. The trainer disables DeepSpeed's clipping and installs :func:`clip_by_global_norm` instead.
+    (ZeRO and the bf16 optimizers compute the norm over all stages correctly.)"""
+    return parallel.pipeline_stages > 1 and parallel.zero_stage == 0 and precision == "fp32"
+
+
+def clip_by_global_norm(optimizer: torch.optim.Optimizer, module: torch.nn.Module, pipe_group,
+                        max_norm: float) -> Callable[[], Optional[float]]:
+    """Before each ``optimizer.step()``, scale this stage's gradients by ``min(1, max_norm / global norm)``,
+    the norm taken over every stage's gradients (a tied copy on a later stage counted once); returns a function
+    giving the last step's unclipped global norm. Data-parallel replicas hold equal, averaged gradients by then."""
+    import torch.distributed as dist
+
+    params = [p for p in module.parameters() if p.requires_grad and not getattr(p, "ds_pipe_replicated", False)]
+    replicated = [p for p in module.parameters() if p.requires_grad and getattr(p, "ds_pipe_replicated", False)]
+    last: dict[str, float] = {}
+
+    def clip(_optimizer, _args, _kwargs):
+        grads = [p.grad for p in params if p.grad is not None]
+        device = grads[0].device if grads else next(module.parameters()).device
+        squares = torch.zeros((), device=device, dtype=torch.float32)
+        for grad in grads:
+            squares += grad.detach().float().pow(2).sum()
+        dist.all_reduce(squares, group=pipe_group)
+        norm = squares.sqrt()
+        last["norm"] = float(norm)
+        scale = max_norm / (float(norm) + 1e-6) if max_norm > 0 else 1.0  # 0: clipping off, norm still logged
+        if scale < 1.0:
+            for p in params + replicated:
+                if p.grad is not None:
+                    p.grad.detach().mul_(scale)
+
+    optimizer.register_step_pre_hook(clip)
+    return lambda: last.get("norm")

@@ -46,7 +46,14 @@ from .config import (
 from .engine import DistributedContext, deepspeed_config, initialize_engine, resolve_precision, setup_distributed
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer, param_group_names
-from .pipelined import build_stage_module, pipeline_batches, pipeline_traffic, pipeline_validation_loss
+from .pipelined import (
+    build_stage_module,
+    clip_by_global_norm,
+    needs_own_clipping,
+    pipeline_batches,
+    pipeline_traffic,
+    pipeline_validation_loss,
+)
 from .reshard import OPTIMIZER_NAMES_KEY, layout_changes, pipeline_to_model_name
 from .rng import capture_rng_state, restore_rng_state
 from .run_state import (
@@ -195,9 +202,15 @@ class Trainer:
             moe_layers = local_moe_layers(trained_module)
         optimizer = build_optimizer(trained_module, self.optim_cfg)
         lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=total_steps)
-        ds_config = deepspeed_config(train, self.parallel_cfg, self.optim_cfg.grad_clip, precision, dp_world)
+        own_clipping = needs_own_clipping(self.parallel_cfg, precision)
+        grad_clip = 0.0 if own_clipping else self.optim_cfg.grad_clip
+        ds_config = deepspeed_config(train, self.parallel_cfg, grad_clip, precision, dp_world)
         engine = initialize_engine(trained_module, optimizer, lr_scheduler, ds_config)
         dp_group = engine.grid.get_data_parallel_group() if stages > 1 else None
+        pipeline_grad_norm = None
+        if own_clipping:
+            pipeline_grad_norm = clip_by_global_norm(engine.optimizer, trained_module,
+                                                     engine.grid.get_pipe_parallel_group(), self.optim_cfg.grad_clip)
 
         step, tokens_seen = 0, 0
         layout = self._layout(precision, dp_world, trained_module)
@@ -263,6 +276,7 @@ class Trainer:
                 if stages > 1:
                     # The pipeline loss already contains the MoE aux losses carried across the stages.
                     step_loss = float(engine.train_batch(data_iter=train_batches))
+                    grad_norm = pipeline_grad_norm() if pipeline_grad_norm is not None else None
                 else:
                     for _ in range(train.grad_accum_steps):
                         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}

@@ -108,6 +108,19 @@ def test_pipeline_checkpoint_resumes_with_one_stage_and_back(single_process_run,
     assert got["step"] == want["step"] == 5 and _close(got["loss"], want["loss"]), (got, want)
 
 
+def test_fp32_zero0_pipeline_clips_by_the_norm_of_all_stages(single_process_run, tmp_path):
+    """DeepSpeed's own fp32 ZeRO-0 pipeline clipping counts only the first stage's gradients; the trainer clips
+    by the global norm instead, so the trajectory (clipping active: norms of 3-6 against 1.0) is the same."""
+    run_dir = tmp_path / "zero0"
+    check_ok(_pipeline(tmp_path, run_dir, 4, "parallel=zero0"))
+    expected = train_records(single_process_run)
+    got = train_records(run_dir)
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    for a, e in zip(got, expected):
+        assert e["grad_norm"] > 1.0 and _close(a["grad_norm"], e["grad_norm"]), (a, e)
+        assert _close(a["loss"], e["loss"]), (a["step"], a["loss"], e["loss"])
+
+
 def test_pipeline_rejects_zero2_and_stage_counts_that_do_not_divide(tmp_path):
     bad_zero = run_train([*ARGS, "parallel=zero2", "parallel.pipeline_stages=2", f"run_dir={tmp_path / 'a'}"],
                          cwd=tmp_path)
