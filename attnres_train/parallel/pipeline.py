@@ -239,7 +239,6 @@ class OutputStage(_PipelineLayer):
         self.final_attnres = model.final_attnres
         self.final_norm = model.final_norm
         self.lm_head = None if model.config.tie_embeddings else model.lm_head
-        self._strategy = model.residual
         self._final_hidden = model.final_hidden
 
     def forward(self, inputs):

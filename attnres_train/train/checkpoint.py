@@ -208,6 +208,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
     _atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
+def read_checkpoint_file(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` of one checkpoint file onto the CPU (our own pickles included: RNG tuples, arrays); a
+    truncated or foreign file raises CheckpointError naming it. ``mmap``: tensors are read from disk only
+    when touched."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:
+        raise CheckpointError(
+            f"checkpoint file {path} could not be read ({type(error).__name__}: {error})") from error
+
+
 def process_group_barrier() -> Callable[[], None]:
     """``torch.distributed.barrier`` when a process group is initialised, else a no-op (single process)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -542,8 +553,4 @@ class CheckpointManager:
         if relative_path not in marker["files"]:
             return None
         self._check_files(tag_dir, {"files": {relative_path: marker["files"][relative_path]}})
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)  # our own pickle: RNG tuples, arrays
-        except Exception as error:
-            raise CheckpointError(
-                f"checkpoint file {path} could not be read ({type(error).__name__}: {error})") from error
+        return read_checkpoint_file(path)

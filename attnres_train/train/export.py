@@ -21,7 +21,7 @@ import torch
 
 from attnres_train.model import build_model
 
-from .checkpoint import MARKER_NAME, MODEL_CONFIG_KEY, CheckpointError
+from .checkpoint import MARKER_NAME, MODEL_CONFIG_KEY, CheckpointError, read_checkpoint_file
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt$")
 
@@ -37,33 +37,30 @@ def exported_state(tag_dir: Path) -> tuple[dict, dict]:
     model_cfg = marker.get(MODEL_CONFIG_KEY)
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"{marker_path}: holds no model config to rebuild the model from")
-    num_layers = int(model_cfg["num_layers"])
-    layer_files = sorted(
-        (int(m.group(1)), p) for p in tag_dir.iterdir() if (m := LAYER_FILE.search(p.name)) is not None
-    )
-    state: dict = {}
-    if layer_files:
-        from attnres_train.parallel.pipeline import model_key
-
-        for index, path in layer_files:
-            for key, value in _load(path).items():
-                state[model_key(index, key, num_layers)] = value
-    else:
-        path = tag_dir / "mp_rank_00_model_states.pt"
-        module = _load(path).get("module")
-        if not module:
-            raise CheckpointError(f"{path}: holds no module weights (a ZeRO-3 checkpoint? use zero_to_fp32.py)")
-        state = dict(module)
+    state = saved_module_state(tag_dir, int(model_cfg["num_layers"]))
     if model_cfg.get("tie_embeddings") and "embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])  # a pipeline stores the tied matrix once
     return model_cfg, state
 
 
-def _load(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # truncated or foreign files: one message naming the file
-        raise CheckpointError(f"{path}: cannot be read ({type(exc).__name__}: {exc})") from exc
+def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
+    """Every parameter and buffer a checkpoint's module files hold, at the precision the module kept them, under
+    the plain model's names: a pipeline's ``layer_XX-model_states.pt`` files, else ``mp_rank_00``'s module.
+    The files are memory-mapped: tensors are read when touched."""
+    tag_dir = Path(tag_dir)
+    layer_files = sorted(
+        (int(m.group(1)), p) for p in tag_dir.iterdir() if (m := LAYER_FILE.search(p.name)) is not None
+    )
+    if layer_files:
+        from attnres_train.parallel.pipeline import model_key
+
+        return {model_key(index, key, num_layers): value
+                for index, path in layer_files for key, value in read_checkpoint_file(path, mmap=True).items()}
+    path = tag_dir / "mp_rank_00_model_states.pt"
+    module = read_checkpoint_file(path, mmap=True).get("module")
+    if not module:
+        raise CheckpointError(f"{path}: holds no module weights (a ZeRO-3 checkpoint? use zero_to_fp32.py)")
+    return dict(module)
 
 
 def load_exported(path: Path, device: str | torch.device = "cpu"):

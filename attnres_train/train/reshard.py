@@ -29,31 +29,23 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 import torch
 from torch import nn
 
-from .checkpoint import CLIENT_STATE_KEY, CheckpointError
+from .checkpoint import CLIENT_STATE_KEY, CheckpointError, read_checkpoint_file
+from .export import saved_module_state
 
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAMES_KEY = "optimizer_param_names"
 _FLAT_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-_LAYER_FILE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
 
-def pipeline_to_model_name(num_layers: int) -> Callable[[str], str]:
-    """Name translation for a ``PipelineModule``'s parameters (``"{layer index}.{key}"``, tied modules')."""
+def model_names(num_layers: int, pipeline_stages: int) -> Callable[[str], str]:
+    """Translation of a trained module's parameter names to the plain model's: a ``PipelineModule``'s
+    (``"{layer index}.{key}"``, tied modules') when pipelined, the names as they are otherwise."""
+    if pipeline_stages == 1:
+        return lambda name: name
     from attnres_train.parallel.pipeline import pipeline_name_to_model
 
     return lambda name: pipeline_name_to_model(name, num_layers)
-
-
-def _identity(name: str) -> str:
-    return name
-
-
-def _load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as error:
-        raise CheckpointError(f"checkpoint file {path} could not be read ({type(error).__name__}: {error})") from error
 
 
 def _as_step(value: Any) -> float:
@@ -66,13 +58,14 @@ class SavedTrainingState:
     def __init__(self, tag_dir: Path, pipeline_stages: int, num_layers: int) -> None:
         self.tag_dir = Path(tag_dir)
         self.pipeline_stages = pipeline_stages
-        self.to_model_name = pipeline_to_model_name(num_layers) if pipeline_stages > 1 else _identity
+        self.num_layers = num_layers
+        self.to_model_name = model_names(num_layers, pipeline_stages)
         self._stage_files = sorted(self.tag_dir.glob("mp_rank_*_model_states.pt"))
         if len(self._stage_files) != pipeline_stages:
             raise CheckpointError(
                 f"checkpoint {self.tag_dir}: expected {pipeline_stages} mp_rank_*_model_states.pt file(s) for "
                 f"pipeline_stages={pipeline_stages}, found {len(self._stage_files)}")
-        self._stage_states = [_load(path) for path in self._stage_files]
+        self._stage_states = [read_checkpoint_file(path, mmap=True) for path in self._stage_files]
         flat: dict[int, dict[int, Path]] = {}
         for path in self.tag_dir.iterdir():
             match = _FLAT_FILE.match(path.name)
@@ -106,21 +99,9 @@ class SavedTrainingState:
     def module_state(self) -> dict[str, torch.Tensor]:
         """Every saved parameter and buffer at the precision the module held it, under plain-model names."""
         if self._module_state is None:
-            self._module_state = self._read_module_state()
+            self._module_state = saved_module_state(self.tag_dir, self.num_layers)
         return self._module_state
 
-    def _read_module_state(self) -> dict[str, torch.Tensor]:
-        if self.pipeline_stages > 1:
-            out = {}
-            for path in sorted(self.tag_dir.glob("layer_*-model_states.pt")):
-                index = int(_LAYER_FILE.match(path.name).group(1))
-                for key, value in _load(path).items():
-                    out[self.to_model_name(f"{index}.{key}")] = value
-            return out
-        module = self._stage_states[0].get("module")
-        if not isinstance(module, Mapping):
-            raise CheckpointError(f"checkpoint {self._stage_files[0]} holds no module weights")
-        return dict(module)
 
     # --- optimizer state ---------------------------------------------------------------------------------------
 
@@ -192,7 +173,7 @@ class SavedTrainingState:
             shapes = {name: value.shape for name, value in self.module_state().items()}
         filled: dict[str, int] = {}
         for path in self._flat_files[stage]:  # data-parallel rank order: fragments follow each other
-            state = _load(path).get("optimizer_state_dict", {})
+            state = read_checkpoint_file(path, mmap=True).get("optimizer_state_dict", {})
             mappings = state.get("param_slice_mappings")
             if mappings is None:
                 raise CheckpointError(
@@ -316,8 +297,11 @@ def _restore_plain(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Par
         target = masters[id(param)] if masters is not None else param
         _check_keys(saved, name, _required_key(_group_of(optimizer, target)))
         values = saved.read(name)
+        master = values.pop("master").view(param.shape)
         with torch.no_grad():
-            target.copy_(values.pop("master").view(param.shape))
+            target.copy_(master)
+            if target is not param:
+                param.copy_(master)
         state = {key: (value.to(target.device).view(param.shape) if torch.is_tensor(value)
                        else torch.tensor(value + step_shift, dtype=torch.float32))
                  for key, value in values.items()}
@@ -331,6 +315,10 @@ def _restore_flat(optimizer: Any, params: Mapping[str, nn.Parameter], saved: Sav
     that fragment of its optimizer state is read."""
     base = optimizer.optimizer
     for name, param in params.items():
+        # Every rank holds the whole working copy; its partition holds only a fragment of the rest.
+        master = saved.read(name, keys=("master",))["master"]
+        with torch.no_grad():
+            param.copy_(master.view(param.shape))
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:  # none of this parameter lives in this rank's partition
             continue
@@ -338,9 +326,9 @@ def _restore_flat(optimizer: Any, params: Mapping[str, nn.Parameter], saved: Sav
         start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
         hp_start = mapping.hp_fragment_address.start
         flat_param = base.param_groups[mapping.param_group_index]["params"][0]
-        values = saved.read(name, start, numel)
         with torch.no_grad():
-            mapping.hp_fragment.copy_(values.pop("master"))
+            mapping.hp_fragment.copy_(master.narrow(0, start, numel))
+        values = saved.read(name, start, numel, keys=saved.optimizer_keys(name))
         state = base.state[flat_param]
         for key, value in values.items():
             if torch.is_tensor(value):
@@ -381,11 +369,8 @@ def restore_engine(engine: Any, saved: SavedTrainingState, to_model_name: Callab
             raise CheckpointError(
                 f"checkpoint {saved.tag_dir}: {name} has shape {tuple(saved.shape(name))}, this model "
                 f"{tuple(param.shape)}")
-    # Every rank holds whole working copies under ZeRO-0/1/2: one parameter's fp32 master at a time.
+    module_state = saved.module_state()
     with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(saved.read(name, keys=("master",))["master"].view(param.shape))
-        module_state = saved.module_state()
         for name, buffer in module.named_buffers():
             model_name = to_model_name(name)
             if model_name in module_state:

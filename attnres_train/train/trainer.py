@@ -54,7 +54,7 @@ from .pipelined import (
     pipeline_traffic,
     pipeline_validation_loss,
 )
-from .reshard import OPTIMIZER_NAMES_KEY, layout_changes, pipeline_to_model_name
+from .reshard import OPTIMIZER_NAMES_KEY, layout_changes, model_names
 from .rng import capture_rng_state, restore_rng_state
 from .run_state import (
     FAILED_NAME,
@@ -394,7 +394,7 @@ class Trainer:
         from .reshard import SavedTrainingState, restore_engine
 
         num_layers = self.model_cfg.num_layers
-        to_model_name = self._to_model_name(stages)
+        to_model_name = model_names(num_layers, stages)
 
         def restore(engine, tag_dir):
             return restore_engine(engine, SavedTrainingState(tag_dir, saved_stages, num_layers), to_model_name)
@@ -411,13 +411,9 @@ class Trainer:
             )
         return target.name
 
-    def _to_model_name(self, stages: int):
-        """Translation of the trained module's parameter names to the plain model's."""
-        return pipeline_to_model_name(self.model_cfg.num_layers) if stages > 1 else (lambda name: name)
-
     def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, layout):
         stages = self.parallel_cfg.pipeline_stages
-        to_model_name = self._to_model_name(stages)
+        to_model_name = model_names(self.model_cfg.num_layers, stages)
         client_state = {
             "step": step,
             "tokens_seen": tokens_seen,
