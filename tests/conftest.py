@@ -4,6 +4,13 @@ from pathlib import Path
 # DeepSpeed compiles a small C++ op on first init; one shared cache means one compile per machine.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "attnres_train" / "torch_extensions"))
 
+# Prepared token shards of the stdlib / hf sources go to one throw-away cache per test session (subprocesses
+# inherit it), never into the user's ~/.cache.
+if "ATTNRES_TRAIN_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["ATTNRES_TRAIN_CACHE"] = tempfile.mkdtemp(prefix="attnres-test-cache-")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -1,8 +1,10 @@
-"""The data package: documents -> tokens -> packed, sharded, resumable batches.
+"""The data package: documents -> prepared token shards -> packed, sharded, resumable batches.
 
-``build_tokenizer(cfg)`` and ``build_train_loader`` / ``build_val_loader`` / ``build_loaders`` take the
-``data`` config group (DictConfig, dict or ``DataConfig``). Batches are dicts of LongTensors ``[B, T]``:
-``input_ids``, ``labels`` (inputs shifted by one) and ``doc_ids`` (a new document after every EOS).
+``prepare_dataset`` (console script ``attnres-prepare``) tokenizes a source once into memory-mappable shards;
+``build_loaders`` / ``build_train_loader`` / ``build_val_loader`` take the ``data`` config group (DictConfig,
+dict or ``DataConfig``) and read prepared data (stdlib and non-streaming hf sources are prepared into the cache
+on first use) or stream a Hugging Face dataset. Batches are dicts of LongTensors ``[B, T]``: ``input_ids``,
+``labels`` (inputs shifted by one) and ``doc_ids`` (a new document after every EOS).
 ``datasets`` and ``transformers`` are imported only when the hf source or an HF tokenizer is used.
 """
 
@@ -10,21 +12,22 @@ from __future__ import annotations
 
 from .config import DataConfig, DataConfigError
 from .loader import (
-    DataStateError,
-    PackedTrainLoader,
-    PackedValidationLoader,
-    StreamingTrainLoader,
-    StreamingValidationLoader,
-    TokenCorpus,
+    PreparedSource,
+    PreparedTrainLoader,
+    PreparedValidationLoader,
+    apportion,
     build_loaders,
-    build_token_corpus,
     build_train_loader,
     build_val_loader,
     has_validation_data,
-    make_batch,
-    pack_windows,
+    open_sources,
 )
+from .loader_base import DataStateError, make_batch
+from .permutation import IndexPermutation
+from .prepare import ensure_prepared, prepare_dataset
+from .prepared import PreparedDataset, PreparedPart
 from .sources import list_stdlib_files, stdlib_part_files, stdlib_root
+from .streaming import StreamingTrainLoader, StreamingValidationLoader, pack_windows
 from .tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
 __all__ = [
@@ -33,20 +36,26 @@ __all__ = [
     "DataConfigError",
     "DataStateError",
     "HFTokenizer",
-    "PackedTrainLoader",
-    "PackedValidationLoader",
+    "IndexPermutation",
+    "PreparedDataset",
+    "PreparedPart",
+    "PreparedSource",
+    "PreparedTrainLoader",
+    "PreparedValidationLoader",
     "StreamingTrainLoader",
     "StreamingValidationLoader",
-    "TokenCorpus",
+    "apportion",
     "build_loaders",
-    "build_token_corpus",
     "build_tokenizer",
     "build_train_loader",
     "build_val_loader",
+    "ensure_prepared",
     "has_validation_data",
     "list_stdlib_files",
     "make_batch",
+    "open_sources",
     "pack_windows",
+    "prepare_dataset",
     "stdlib_part_files",
     "stdlib_root",
 ]

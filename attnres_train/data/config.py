@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from attnres_train.schema import plain_container, section_from_mapping
 
-SOURCES = ("stdlib", "hf")
+SOURCES = ("stdlib", "hf", "prepared")
+VERIFY_SHARDS = ("auto", "always", "never")
 TEXT_SAMPLE_BY = ("document", "paragraph", "line")
 
 # File extension -> datasets builder. Compression suffixes are stripped first (datasets decompresses them).
@@ -32,7 +33,7 @@ COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4", ".zip")
 
 # Fields that do not change which samples the loader produces (only where or how fast they are computed);
 # they are left out of the resume fingerprint so a resumed run may change them.
-NON_STREAM_FIELDS = ("num_workers", "cache_dir")
+NON_STREAM_FIELDS = ("num_workers", "cache_dir", "verify_shards")
 
 
 class DataConfigError(ValueError):
@@ -42,7 +43,18 @@ class DataConfigError(ValueError):
 @dataclass
 class DataConfig:
     # --- where documents come from ------------------------------------------------------------------
-    source: str = "stdlib"  # stdlib: the running interpreter's standard-library *.py files | hf: datasets.load_dataset
+    # stdlib: the running interpreter's standard-library *.py files | hf: datasets.load_dataset | prepared: token
+    # shards written by attnres-prepare (data.path or data.mixture). stdlib and non-streaming hf data are
+    # prepared into the cache on first use and then read exactly like prepared data.
+    source: str = "stdlib"
+    path: Optional[str] = None  # prepared only: a directory written by attnres-prepare (or use data.mixture)
+    # prepared only: several prepared datasets mixed by weight, a list of {path, weight, name}; name defaults to
+    # the directory's name and labels the source's validation loss (val_loss_by_source in metrics.jsonl).
+    # Each global batch takes every source's share to within one sample; each source epochs on its own.
+    mixture: Any = None
+    # prepared data: recompute shard checksums when a file's modification time differs from the one recorded
+    # (auto), at every start (always), or never; a size that differs from the manifest is always refused.
+    verify_shards: str = "auto"
     # hf only: a hub dataset name ("roneneldan/TinyStories"), a builder name used with hf_data_files ("json"),
     # a local dataset directory, or a single local data file (its builder is inferred from the extension).
     hf_dataset: Optional[str] = None
@@ -67,13 +79,14 @@ class DataConfig:
     seq_len: int = 512  # tokens per training row; rows are packed windows of seq_len + 1 tokens (inputs + 1 label)
 
     # --- splitting, limits, plumbing ------------------------------------------------------------------
-    # Fraction of documents held out for validation: stdlib files chosen by a hash of their relative path;
+    # Fraction of documents held out for validation (at preparation): stdlib files by a hash of their relative path;
     # hf documents by a hash of their text when validation_split is null. 0 means no validation data.
     validation_fraction: float = 0.05
     max_documents: Optional[int] = None  # cap on documents per part (train / validation), in source order; for tests
     num_workers: int = 0  # hf non-streaming: processes tokenizing the dataset (datasets num_proc); 0 = this process
-    # Where to keep caches: hf datasets' cache_dir, and tokenized stdlib arrays (tokens-*.npy). null: datasets'
-    # default cache and no token cache. Hugging Face tokenizers always use the hub cache (HF_HOME).
+    # Where to keep caches: hf datasets' cache_dir and the prepared token shards of stdlib / hf sources
+    # (<cache_dir>/prepared/). null: datasets' default cache, and $ATTNRES_TRAIN_CACHE or ~/.cache/attnres-train
+    # for the shards. Hugging Face tokenizers always use the hub cache (HF_HOME).
     cache_dir: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------------
@@ -82,6 +95,7 @@ class DataConfig:
         """Build from a DictConfig, a dict or a DataConfig; unknown keys are an error naming the key."""
         out = section_from_mapping(cls, cfg, "data", DataConfigError)
         out.hf_data_files = plain_container(out.hf_data_files)
+        out.mixture = plain_container(out.mixture)
         out.validate()
         return out
 
@@ -114,6 +128,10 @@ class DataConfig:
             "a positive integer",
         )
         need(isinstance(self.streaming, bool), "streaming", "true or false")
+        need(self.verify_shards in VERIFY_SHARDS, "verify_shards", f"one of {VERIFY_SHARDS}")
+        if self.source == "prepared":
+            self._validate_prepared(need)
+            return
         if self.source != "hf":
             return
         need(
@@ -157,11 +175,52 @@ class DataConfig:
                 )
                 need(len(builders) == 1, "hf_data_files", f"files of one format, got {sorted(map(str, builders))}")
 
+    def _validate_prepared(self, need) -> None:
+        self.mixture = plain_container(self.mixture)
+        need((self.path is None) != (self.mixture is None), "path",
+             "a prepared dataset directory, or null with data.mixture set (exactly one of the two)")
+        need(self.path is None or (isinstance(self.path, str) and self.path != ""), "path",
+             "a prepared dataset directory")
+        if self.mixture is None:
+            return
+        need(isinstance(self.mixture, list) and len(self.mixture) > 0, "mixture",
+             "a non-empty list of {path, weight, name} entries")
+        names = []
+        for i, entry in enumerate(self.mixture):
+            where = f"data.mixture[{i}]"
+            if not isinstance(entry, dict) or set(entry) - {"path", "weight", "name"} or "path" not in entry:
+                raise DataConfigError(f"{where}={entry!r}: expected {{path: DIR, weight: W, name: NAME}} "
+                                      "(weight defaults to 1, name to the directory's name)")
+            if not isinstance(entry["path"], str) or not entry["path"]:
+                raise DataConfigError(f"{where}.path={entry['path']!r}: expected a prepared dataset directory")
+            weight = entry.get("weight", 1.0)
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0 or weight == float("inf"):
+                raise DataConfigError(f"{where}.weight={weight!r}: expected a finite number >= 0")
+            name = entry.get("name")
+            if name is not None and (not isinstance(name, str) or not name or "/" in name):
+                raise DataConfigError(f"{where}.name={name!r}: expected a non-empty name without '/'")
+            names.append(name if name is not None else os.path.basename(os.path.normpath(entry["path"])))
+        if sum(float(e.get("weight", 1.0)) for e in self.mixture) <= 0:
+            raise DataConfigError(f"data.mixture: every weight is 0; at least one source needs a weight > 0")
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        need(not duplicates, "mixture", f"distinct source names (give each entry a name; {duplicates} repeat)")
+
+    def mixture_sources(self) -> list[tuple[str, str, float]]:
+        """``(name, path, weight)`` of each prepared source (one, weight 1, for data.path)."""
+        if self.path is not None:
+            return [(os.path.basename(os.path.normpath(self.path)), self.path, 1.0)]
+        return [(e.get("name") or os.path.basename(os.path.normpath(e["path"])), e["path"], float(e.get("weight", 1.0)))
+                for e in self.mixture or []]
+
     def stream_fields(self) -> dict:
         """The fields that decide the sample stream: caches, worker counts and fields the chosen source
         ignores are left out, so changing them does not invalidate a resume."""
         out = dataclasses.asdict(self)
         ignored = list(NON_STREAM_FIELDS)
+        if self.source != "prepared":
+            ignored += ["path", "mixture"]
+        else:  # what the prepared directories hold is fingerprinted by their content, not these fields
+            ignored += [f for f in out if f not in ("source", "seq_len")]  # tokenizer: by identity
         if self.source == "stdlib":
             ignored += [f for f in out if f.startswith("hf_")]
             ignored += ["split", "validation_split", "text_field", "streaming"]

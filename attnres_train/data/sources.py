@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from .config import DataConfig, DataConfigError, flatten_data_files, infer_builder
 from .tokenizer import looks_like_local_path
@@ -72,13 +75,80 @@ def stdlib_part_files(
     return chosen if max_documents is None else chosen[:max_documents]
 
 
-def read_text_files(root: Path, relative_paths: list[str]) -> list[str]:
-    """File contents as text (UTF-8, undecodable bytes replaced)."""
-    texts = []
-    for relative in relative_paths:
-        with open(Path(root) / relative, encoding="utf-8", errors="replace") as handle:
-            texts.append(handle.read())
-    return texts
+# ----------------------------------------------------------------------------------------------------
+# document streams: what attnres-prepare reads
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DocumentStream:
+    """Documents read in a fixed order, each with the key that decides its part.
+
+    ``parts`` is ``(TRAIN, VALIDATION)`` when documents are held out by a hash of their key, or a single part
+    when the source names a split for it. ``documents()`` opens the stream again from its start.
+    """
+
+    name: str
+    parts: tuple[str, ...]
+    documents: Callable[[], Iterator[tuple[str, str]]]  # (hold-out key, text)
+
+
+def document_streams(cfg: DataConfig) -> tuple[dict, list[DocumentStream]]:
+    """``(identity, streams)`` of a stdlib or hf source. ``identity`` changes whenever the documents may have
+    (file sizes and times, a dataset's fingerprint), so a cached preparation is never reused for other data."""
+    if cfg.source == "stdlib":
+        return _stdlib_streams(cfg)
+    if cfg.source == "hf":
+        return _hf_streams(cfg)
+    raise DataConfigError(f"data.source={cfg.source!r}: has no documents to prepare (expected 'stdlib' or 'hf')")
+
+
+def _stdlib_streams(cfg: DataConfig) -> tuple[dict, list[DocumentStream]]:
+    root = stdlib_root()
+    files = list_stdlib_files(root)
+    stats = [(f, os.stat(root / f).st_size, os.stat(root / f).st_mtime_ns) for f in files]
+    digest = hashlib.blake2b(json.dumps(stats).encode("utf-8"), digest_size=12).hexdigest()
+    identity = {"root": str(root), "python": sys.version, "files": len(files), "files_digest": digest}
+
+    def documents() -> Iterator[tuple[str, str]]:
+        for relative in files:
+            with open(root / relative, encoding="utf-8", errors="replace") as handle:
+                yield relative, handle.read()
+
+    return identity, [DocumentStream("stdlib", PARTS, documents)]
+
+
+def _hf_streams(cfg: DataConfig) -> tuple[dict, list[DocumentStream]]:
+    named = [(TRAIN, "split", cfg.split)]
+    if cfg.validation_split is not None:
+        named.append((VALIDATION, "validation_split", cfg.validation_split))
+    identity: dict[str, Any] = {}
+    streams = []
+    for part, split_field, split_name in named:
+        dataset = _load_split(cfg, split_name, split_field)
+        _check_text_field(cfg, dataset, part)
+        # Local loads are fingerprinted by datasets from the files' paths, sizes and times; a streamed hub
+        # dataset has no fingerprint, and its revision is whatever the hub cache holds.
+        identity[split_name] = getattr(dataset, "_fingerprint", None)
+        parts = PARTS if cfg.validation_split is None else (part,)
+        streams.append(DocumentStream(f"split {split_name!r}", parts, _hf_documents(dataset, cfg.text_field)))
+    return identity, streams
+
+
+def _hf_documents(dataset: Any, text_field: str) -> Callable[[], Iterator[tuple[str, str]]]:
+    def documents() -> Iterator[tuple[str, str]]:
+        if hasattr(dataset, "select_columns") and hasattr(dataset, "iter") and not _is_iterable_dataset(dataset):
+            for batch in dataset.select_columns([text_field]).iter(batch_size=1024):
+                for text in batch[text_field]:
+                    yield text or "", text or ""
+        else:
+            for example in dataset:
+                text = example[text_field] or ""
+                yield text, text
+
+    return documents
+
+
+def _is_iterable_dataset(dataset: Any) -> bool:
+    return type(dataset).__name__ == "IterableDataset"
 
 
 # ----------------------------------------------------------------------------------------------------

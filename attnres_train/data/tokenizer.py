@@ -92,7 +92,8 @@ class HFTokenizer:
         if self._identity is None:
             vocab = json.dumps(sorted(self._tokenizer.get_vocab().items()), ensure_ascii=False)
             digest = hashlib.blake2b(vocab.encode("utf-8"), digest_size=8).hexdigest()
-            self._identity = f"hf:{self.name_or_path}:{self.vocab_size}:{self.eos_token_id}:{digest}"
+            # Not the path: the same tokenizer saved in another directory gives the same ids.
+            self._identity = f"hf:{self.vocab_size}:{self.eos_token_id}:{digest}"
         return self._identity
 
     def encode(self, text: str) -> list[int]:

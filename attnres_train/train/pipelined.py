@@ -60,13 +60,41 @@ def pipeline_traffic(model, parallel: ParallelConfig, seq_len: int, micro_batch_
     }
 
 
-def pipeline_validation_loss(engine, val_loader, device: torch.device) -> Optional[float]:
-    batches = list(pipeline_batches(val_loader, device))
-    if not batches:
-        return None
-    val_loss = float(engine.eval_batch(iter(batches), num_micro_batches=len(batches)))
+def validation_source_names(val_loader) -> list[str]:
+    """The sources a validation loader scores (one unnamed source for a loader that does not name them)."""
+    return list(getattr(val_loader, "source_names", None) or ["data"])
+
+
+def batches_by_source(val_loader):
+    """``(source name, batch)`` pairs of a validation loader."""
+    if hasattr(val_loader, "iter_by_source"):
+        yield from val_loader.iter_by_source()
+    else:
+        for batch in val_loader:
+            yield "data", batch
+
+
+def mixture_loss(per_source: dict[str, float], val_loader) -> float:
+    """The validation loss of the training distribution: per-source losses weighted by the mixture weights
+    (one source: its loss)."""
+    weights = dict(zip(validation_source_names(val_loader), getattr(val_loader, "source_weights", None) or [1.0]))
+    total = sum(weights[name] for name in per_source)
+    if total <= 0:  # only zero-weight sources were scored
+        return sum(per_source.values()) / len(per_source)
+    return sum(weights[name] * loss for name, loss in per_source.items()) / total
+
+
+def pipeline_validation_loss(engine, val_loader, device: torch.device) -> dict[str, float]:
+    """Validation loss per source through the pipeline engine (one ``eval_batch`` per source)."""
+    grouped: dict[str, list] = {}
+    for name, batch in batches_by_source(val_loader):
+        grouped.setdefault(name, []).append(batch)
+    out = {}
+    for name, batches in grouped.items():
+        micro_batches = list(pipeline_batches(batches, device))
+        out[name] = float(engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches)))
     engine.train()
-    return val_loss
+    return out
 
 
 def pipeline_batches(loader, device: torch.device):

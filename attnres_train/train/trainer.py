@@ -47,12 +47,15 @@ from .engine import DistributedContext, deepspeed_config, initialize_engine, res
 from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer, param_group_names
 from .pipelined import (
+    batches_by_source,
     build_stage_module,
+    mixture_loss,
     clip_by_global_norm,
     needs_own_clipping,
     pipeline_batches,
     pipeline_traffic,
     pipeline_validation_loss,
+    validation_source_names,
 )
 from .reshard import OPTIMIZER_NAMES_KEY, layout_changes, model_names
 from .rng import capture_rng_state, restore_rng_state
@@ -161,6 +164,7 @@ class Trainer:
             dp_world_size=dp_world,
             seed=train.seed,
             val_num_batches=train.val_batches,
+            grad_accum_steps=train.grad_accum_steps,  # a mixture apportions whole optimizer steps
         )
 
         checkpoints = CheckpointManager(
@@ -318,10 +322,14 @@ class Trainer:
                 validation_due = train.val_every and (step % train.val_every == 0 or step == total_steps)
                 if validation_due and val_loader is not None and train.val_batches > 0:
                     if stages > 1:
-                        last_val = pipeline_validation_loss(engine, val_loader, ctx.device)
-                        if last_val is not None:
-                            logger.log({"step": step, "tokens": tokens_seen,
-                                        "flops": tokens_seen * flops_per_token, "val_loss": last_val})
+                        per_source = pipeline_validation_loss(engine, val_loader, ctx.device)
+                        if per_source:
+                            last_val = mixture_loss(per_source, val_loader)
+                            record = {"step": step, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token,
+                                      "val_loss": last_val}
+                            if len(per_source) > 1:
+                                record["val_loss_by_source"] = per_source
+                            logger.log(record)
                             logger.message(f"step {step}: val_loss={last_val:.4f}")
                     else:
                         last_val = self._validate(
@@ -462,24 +470,28 @@ class Trainer:
 
     def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
         engine.eval()
-        total_loss = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        names = validation_source_names(val_loader)
+        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=ctx.device)  # [source, (loss sum, tokens)]
         diagnostics = None
         with torch.no_grad():
-            for i, batch in enumerate(val_loader):
+            for i, (name, batch) in enumerate(batches_by_source(val_loader)):
                 batch = {k: v.to(ctx.device) for k, v in batch.items()}
                 want_diag = i == 0
                 out = engine(batch["input_ids"], doc_ids=batch["doc_ids"], return_diagnostics=want_diag)
                 n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-                total_loss[0] += language_model_loss(out.logits, batch["labels"]).double() * n_tokens
-                total_loss[1] += n_tokens
+                totals[names.index(name), 0] += language_model_loss(out.logits, batch["labels"]).double() * n_tokens
+                totals[names.index(name), 1] += n_tokens
                 if want_diag:
                     diagnostics = out
         engine.train()
-        ctx.all_reduce_sum_(total_loss)
-        if total_loss[1] == 0:
+        ctx.all_reduce_sum_(totals)
+        per_source = {name: float(totals[k, 0] / totals[k, 1]) for k, name in enumerate(names) if totals[k, 1] > 0}
+        if not per_source:
             return None
-        val_loss = float(total_loss[0] / total_loss[1])
+        val_loss = mixture_loss(per_source, val_loader)
         record = {"step": step, "tokens": tokens_seen, "flops": flops, "val_loss": val_loss}
+        if len(per_source) > 1:
+            record["val_loss_by_source"] = per_source
         if diagnostics is not None:
             record["sublayer_input_rms"] = diagnostics.sublayer_input_rms.tolist()
             if diagnostics.depth_weights:
