@@ -114,14 +114,18 @@ class Chunk:
 def _tokenize_chunk(chunk: Chunk, out_dir: Path, tokenizer: Optional[Tokenizer] = None) -> dict:
     tokenizer = tokenizer if tokenizer is not None else _worker_tokenizer
     assert tokenizer is not None
-    record: dict[str, Any] = {"chunk": chunk.index, "text_bytes": chunk.text_bytes, "parts": {}}
-    for part, texts in chunk.texts.items():
-        if not texts:
-            continue
-        tokens, ends = encode_with_index(tokenizer, texts)
+    encoded = {part: encode_with_index(tokenizer, texts) for part, texts in chunk.texts.items() if texts}
+    return write_chunk(out_dir, chunk.index, encoded, chunk.text_bytes)
+
+
+def write_chunk(out_dir: Path, index: int, encoded: dict[str, tuple[np.ndarray, np.ndarray]], text_bytes: int) -> dict:
+    """Write chunk ``index``'s shards (``{part: (tokens, document_ends)}``; empty parts skipped) and return
+    its record, the manifest entries of its shards."""
+    record: dict[str, Any] = {"chunk": index, "text_bytes": text_bytes, "parts": {}}
+    for part, (tokens, ends) in encoded.items():
         if not len(ends):
             continue
-        stem = f"{part}-{chunk.index:06d}"
+        stem = f"{part}-{index:06d}"
         record["parts"][part] = {
             "tokens": _save_npy(out_dir / f"{stem}.tokens.npy", tokens),
             "documents": _save_npy(out_dir / f"{stem}.docs.npy", ends),
@@ -129,6 +133,19 @@ def _tokenize_chunk(chunk: Chunk, out_dir: Path, tokenizer: Optional[Tokenizer] 
             "num_documents": int(ends.size),
         }
     return record
+
+
+def write_manifest(out_dir: Path, plan: dict, records: list[dict]) -> dict:
+    """The manifest of ``plan`` and the chunk ``records`` (in chunk order), written atomically: from this
+    moment on the directory is a prepared dataset."""
+    parts = {}
+    for part in PARTS:
+        shards = [r["parts"][part] for r in records if part in r["parts"]]
+        parts[part] = {"num_documents": sum(s["num_documents"] for s in shards),
+                       "num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
+    manifest = {**plan, "parts": parts, "num_chunks": len(records), "text_bytes": sum(r["text_bytes"] for r in records)}
+    write_json_atomically(out_dir / MANIFEST_NAME, manifest)
+    return manifest
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,6 +318,8 @@ def prepare_dataset(
     if out.exists() and saved_plan is None and any(out.iterdir()):
         raise DataConfigError(f"out_dir={str(out)!r}: exists and is not empty; choose a new or empty directory")
     created = not out.exists()
+    if not created:
+        _remove_abandoned_temporaries(out)
     progress_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomically(progress_dir / PLAN_NAME, plan)
 
@@ -310,28 +329,34 @@ def prepare_dataset(
         records = _run_chunks(data_cfg, streams, out, progress_dir, workers, shard_text_bytes, meter)
     finally:
         stats = meter.close()
-    parts = {}
-    for part in PARTS:
-        shards = [r["parts"][part] for r in records if part in r["parts"]]
-        parts[part] = {"num_documents": sum(s["num_documents"] for s in shards),
-                       "num_tokens": sum(s["num_tokens"] for s in shards), "shards": shards}
-    if parts[TRAIN]["num_tokens"] == 0:
+    if not any(TRAIN in r["parts"] for r in records):
         if created:
             shutil.rmtree(out, ignore_errors=True)
         else:
             shutil.rmtree(progress_dir, ignore_errors=True)
         raise DataConfigError(f"{_source_field(data_cfg)}: the source has no training documents (every document "
                               "was empty, held out for validation, or capped by data.max_documents); nothing written")
-    manifest = {**plan, "parts": parts, "num_chunks": len(records),
-                "text_bytes": sum(r["text_bytes"] for r in records)}
-    write_json_atomically(out / MANIFEST_NAME, manifest)
+    manifest = write_manifest(out, plan, records)
     shutil.rmtree(progress_dir, ignore_errors=True)
+    parts = manifest["parts"]
     if progress:
         mb = stats["text_bytes"] / 1e6
         print(f"prepared {out}: {parts[TRAIN]['num_tokens']:,} train / {parts[VALIDATION]['num_tokens']:,} "
               f"validation tokens in {len(records)} chunks; tokenized {mb:.1f} MB in {stats['seconds']:.1f} s "
               f"({mb / max(stats['seconds'], 1e-9):.1f} MB/s)", file=sys.stderr, flush=True)
     return manifest
+
+
+def _remove_abandoned_temporaries(out: Path) -> None:
+    """Temporary shard files of a preparation that was killed (their writer's process is gone)."""
+    for temporary in out.glob(".*.tmp"):
+        pid = temporary.name.rsplit(".", 2)[-2]
+        try:
+            os.kill(int(pid), 0)
+        except (ValueError, ProcessLookupError):
+            temporary.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # a live process of another user
 
 
 def _source_field(cfg: DataConfig) -> str:

@@ -52,3 +52,14 @@ def test_training_benchmark_dry_run_with_impl_variants(tmp_path):
     for variant in ("standard", "block_attnres:torch", "block_attnres:fused"):
         assert results[variant]["tokens_per_s"] > 0 and results[variant]["profile_top"]
     assert "block_attnres:fused_overhead" in results and "block_attnres:torch_overhead" in results
+
+
+def test_data_benchmark_dry_run(tmp_path):
+    out = tmp_path / "data.json"
+    report = _script("bench_data").main(["--dry-run", "--out", str(out), "--work-dir", str(tmp_path / "work")])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    for key in ("prepare_mb_per_s_per_worker", "loader_tokens_per_s", "peak_rss_mb_small", "peak_rss_mb_large",
+                "startup_s_small", "startup_s_large", "resume_s_start", "resume_s_end"):
+        assert report[key] > 0, key
+    assert report["corpus_tokens_large"] > 5 * report["corpus_tokens_small"]
+    assert {(r["tokenizer"], r["workers"]) for r in report["prepare"]} == {("byte", 1), ("byte", 2), ("bpe", 1), ("bpe", 2)}
