@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .collect import collect_runs, swept_keys
+from .collect import collect_runs, differing_keys, swept_keys
 from .plots import run_label, plot_depth_weights, plot_final_val_vs_ratio, plot_hidden_rms, plot_val_loss
 from .table import markdown_table, table_rows, write_csv
 
@@ -28,18 +28,21 @@ def write_report(root: Path, out_dir: Optional[Path] = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     columns, rows = table_rows(runs)
     write_csv(out_dir / "report.csv", columns, rows)
-    keys = swept_keys(runs)
+    # Legends name what was swept; a heatmap stands alone, so it also names the ratio and residual it shows.
+    legend_keys, heatmap_keys = differing_keys(runs), swept_keys(runs)
 
     plots = [
-        ("Validation loss against tokens", plot_val_loss(runs, keys, out_dir / "val_loss_vs_tokens.png", "tokens")),
-        ("Validation loss against FLOPs", plot_val_loss(runs, keys, out_dir / "val_loss_vs_flops.png", "flops")),
-        ("Final validation loss against hybrid ratio", plot_final_val_vs_ratio(runs, out_dir / "val_loss_vs_ratio.png")),
-        ("Hidden-state RMS across depth", plot_hidden_rms(runs, keys, out_dir / "hidden_state_rms.png")),
+        ("Validation loss against tokens",
+         plot_val_loss(runs, legend_keys, out_dir / "val_loss_vs_tokens.png", "tokens")),
+        ("Validation loss against FLOPs", plot_val_loss(runs, legend_keys, out_dir / "val_loss_vs_flops.png", "flops")),
+        ("Final validation loss against hybrid ratio",
+         plot_final_val_vs_ratio(runs, legend_keys, out_dir / "val_loss_vs_ratio.png")),
+        ("Hidden-state RMS across depth", plot_hidden_rms(runs, legend_keys, out_dir / "hidden_state_rms.png")),
     ]
     for index, run in enumerate(runs):
         if run.residual not in (None, "standard"):
-            name = f"depth_weights_{index:02d}_{_slug(run_label(run, keys))}.png"
-            path = plot_depth_weights(run, out_dir / name, keys)
+            name = f"depth_weights_{index:02d}_{_slug(run_label(run, heatmap_keys))}.png"
+            path = plot_depth_weights(run, out_dir / name, heatmap_keys)
             plots.append((f"AttnRes depth weights: {run.name}", path))
 
     counts = {status: sum(r.status == status for r in runs) for status in ("finished", "running", "failed")}
@@ -48,6 +51,8 @@ def write_report(root: Path, out_dir: Optional[Path] = None) -> Path:
         "",
         f"{len(runs)} runs: {counts['finished']} finished, {counts['running']} unfinished (running, interrupted "
         f"or not started), {counts['failed']} failed. Tokens, FLOPs and losses are the latest logged values; "
+        "losses are in nats per token of the run's tokenizer, which with `data.tokenizer=byte` is nats per byte "
+        "(val bits/byte = nats / ln 2); `val_loss[SOURCE]` is the validation loss on one source of a data mixture. "
         "tokens/s is the mean of the logged windows after the first. FLOPs = tokens x the model's exact training "
         "FLOPs per token. Cache/seq: KV cache + recurrent state of one sequence in bf16 at that context.",
         "",

@@ -25,6 +25,8 @@ from attnres_train.train.run_state import (
 RUN_MARKERS = ("metrics.jsonl", "model_summary.json", FINISHED_NAME, FAILED_NAME)
 # Always shown as swept columns: the two axes the hybrid-ratio study is about.
 PRIMARY_KEYS = ("model.hybrid_ratio", "model.residual")
+# Runs that differ only in this key are replicates of one arm (same experiment, another seed).
+SEED_KEY = "train.seed"
 # Config keys that differ between runs without being an experimental variable.
 IGNORED_KEYS = ("run_dir",)
 CONTEXT_LENGTHS = {"4k": 4096, "128k": 131072, "1m": 1048576}
@@ -60,6 +62,11 @@ class RunRecord:
         return self.config_value("model.hybrid_ratio")
 
     @property
+    def loss_is_per_byte(self) -> bool:
+        """With the byte tokenizer a token is one UTF-8 byte, so the loss in nats/token is nats/byte."""
+        return self.config_value("data.tokenizer") == "byte"
+
+    @property
     def last_train(self) -> Optional[dict]:
         return self.train_records[-1] if self.train_records else None
 
@@ -68,12 +75,14 @@ class RunRecord:
         return self.val_records[-1] if self.val_records else None
 
     @property
-    def last_diagnostics(self) -> Optional[dict]:
-        """The newest validation record with hidden-state diagnostics."""
-        for record in reversed(self.val_records):
-            if "sublayer_input_rms" in record:
-                return record
-        return None
+    def final_val_loss_by_source(self) -> dict[str, float]:
+        """{source name: loss in nats} of the newest validation; empty unless the run trains on a mixture."""
+        return (self.last_val or {}).get("val_loss_by_source") or {}
+
+    @property
+    def diagnostics_records(self) -> list[dict]:
+        """The validation records with hidden-state diagnostics, oldest first."""
+        return [record for record in self.val_records if "sublayer_input_rms" in record]
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -165,17 +174,32 @@ def _flatten(node: Any, prefix: str = "") -> dict:
     return out
 
 
-def swept_keys(runs: list[RunRecord]) -> list[str]:
-    """``PRIMARY_KEYS`` then every other config key whose value differs between runs."""
+def differing_keys(runs: list[RunRecord]) -> list[str]:
+    """The config keys whose value differs between runs (what was swept): ``PRIMARY_KEYS`` first, then sorted."""
     flat = [_flatten(run.config) for run in runs if run.config]
-    keys = sorted({key for f in flat for key in f})
-    varying = [
+    keys = sorted({key for f in flat for key in f},
+                  key=lambda key: (PRIMARY_KEYS.index(key) if key in PRIMARY_KEYS else len(PRIMARY_KEYS), key))
+    return [
         key for key in keys
-        if key not in PRIMARY_KEYS and key not in IGNORED_KEYS and not key.startswith("hydra.")
+        if key not in IGNORED_KEYS and not key.startswith("hydra.")
         # Among the runs that have the key: a run that failed before its config was resolved lacks most keys.
         and len({json.dumps(f[key], sort_keys=True, default=str) for f in flat if key in f}) > 1
     ]
-    return [*PRIMARY_KEYS, *varying]
+
+
+def swept_keys(runs: list[RunRecord]) -> list[str]:
+    """``PRIMARY_KEYS`` (always, so every table names ratio and residual) then the other differing keys."""
+    return [*PRIMARY_KEYS, *(key for key in differing_keys(runs) if key not in PRIMARY_KEYS)]
+
+
+def arm_of(run: RunRecord, keys: list[str]) -> tuple:
+    """The run's values of ``keys`` other than ``SEED_KEY``: runs with equal arms differ only by seed."""
+    return tuple(json.dumps(run.config_value(key), sort_keys=True, default=str) for key in keys if key != SEED_KEY)
+
+
+def source_names(runs: list[RunRecord]) -> list[str]:
+    """Sorted names of the data sources any run reports a validation loss for (mixture runs only)."""
+    return sorted({name for run in runs for name in run.final_val_loss_by_source})
 
 
 def mean_throughput(run: RunRecord) -> Optional[float]:

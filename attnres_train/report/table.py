@@ -7,9 +7,10 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-from .collect import CONTEXT_LENGTHS, RunRecord, cache_bytes, mean_throughput, run_flops, swept_keys
+from .collect import CONTEXT_LENGTHS, RunRecord, cache_bytes, mean_throughput, run_flops, source_names, swept_keys
 
-# Column name -> (Markdown header, Markdown formatter); swept columns come first, named by their config key.
+# Column name -> Markdown header. Swept columns come first, named by their config key; the per-source
+# validation losses of mixture runs (``source_column``) follow the aggregate ones.
 METRIC_COLUMNS = {
     "status": "status",
     "total_parameters": "params",
@@ -18,18 +19,28 @@ METRIC_COLUMNS = {
     "flops": "train FLOPs",
     "final_train_loss": "train loss",
     "final_val_loss": "val loss",
+    "final_val_bpb": "val bits/byte",
     "tokens_per_s": "tokens/s",
     **{f"cache_bytes_{name}": f"cache/seq @{name.upper()}" for name in CONTEXT_LENGTHS},
     "run": "run dir",
 }
 
 
+def source_column(source: str) -> str:
+    return f"val_loss[{source}]"
+
+
 def table_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows): the swept config values, then ``METRIC_COLUMNS``, taken as-is from each run's files."""
+    """(columns, rows): the swept config values, then ``METRIC_COLUMNS`` with one validation-loss column per data
+    source of the mixture runs, taken as-is from each run's files."""
     swept = swept_keys(runs)
+    sources = source_names(runs)
     rows = []
     for run in runs:
         last_train, last_val = run.last_train, run.last_val
+        final_val_loss = last_val.get("val_loss") if last_val else None
+        # Bits/byte only where a token is a byte; other tokenizers would need the corpus' bytes per token.
+        per_byte = run.loss_is_per_byte and final_val_loss is not None
         row: dict[str, Any] = {key: run.config_value(key) for key in swept}
         row.update(
             status=run.status,
@@ -38,13 +49,18 @@ def table_rows(runs: list[RunRecord]) -> tuple[list[str], list[dict[str, Any]]]:
             tokens=last_train["tokens"] if last_train else None,
             flops=run_flops(run),
             final_train_loss=last_train.get("loss") if last_train else None,
-            final_val_loss=last_val.get("val_loss") if last_val else None,
+            final_val_loss=final_val_loss,
+            final_val_bpb=final_val_loss / math.log(2) if per_byte else None,
             tokens_per_s=mean_throughput(run),
             run=run.name,
         )
+        row.update({source_column(name): loss for name, loss in run.final_val_loss_by_source.items()})
         row.update({f"cache_bytes_{name}": value for name, value in cache_bytes(run).items()})
         rows.append(row)
-    return [*swept, *METRIC_COLUMNS], rows
+    metrics = list(METRIC_COLUMNS)
+    after_val = metrics.index("final_val_bpb") + 1
+    metrics[after_val:after_val] = [source_column(name) for name in sources]
+    return [*swept, *metrics], rows
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
@@ -82,13 +98,13 @@ def _markdown_cell(column: str, value: Any) -> str:
         return human_count(value, "B")
     if column in ("total_parameters", "active_parameters", "tokens", "flops", "tokens_per_s"):
         return human_count(value)
-    if column in ("final_train_loss", "final_val_loss"):
+    if column in ("final_train_loss", "final_val_loss", "final_val_bpb") or column.startswith("val_loss["):
         return f"{value:.4f}" if math.isfinite(value) else str(value)
     return str(value).replace("|", "\\|")
 
 
 def markdown_table(columns: list[str], rows: list[dict]) -> str:
-    headers = [METRIC_COLUMNS.get(c, c) for c in columns]
+    headers = [METRIC_COLUMNS.get(c, c).replace("|", "\\|") for c in columns]  # source names are free text
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_markdown_cell(c, row.get(c)) for c in columns) + " |")

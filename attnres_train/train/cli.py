@@ -6,11 +6,14 @@ argument is taken off argv before Hydra parses it).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from pathlib import Path
 
 CONFIG_DIR_ENV = "ATTNRES_TRAIN_CONFIG_DIR"
+# The OmegaConf resolver that names a sweep job's directory: ``hydra.sweep.subdir`` in configs/train.yaml.
+JOB_DIRNAME_RESOLVER = "flat_job_dirname"
 
 
 def config_dir() -> Path:
@@ -23,6 +26,34 @@ def config_dir() -> Path:
             f"(pip install -e .) or set {CONFIG_DIR_ENV}"
         )
     return path
+
+
+def flat_job_dirname(override_dirname: str) -> str:
+    """A sweep job's directory name: Hydra's ``override_dirname`` with path separators in override values
+    (``data.path=/data/web``) replaced by '_', so every job is one directory directly under the sweep directory.
+
+    Flattening alone could give two jobs one name (``/a/b`` and ``/a_b``), and the second would then resume the
+    first one's checkpoints; so a name that had separators ends in '~' and a short hash of the unflattened name.
+    Names without separators stay as Hydra made them, so existing sweep directories keep resuming.
+    """
+    flat = override_dirname
+    for separator in {"/", os.sep, os.altsep} - {None}:
+        flat = flat.replace(separator, "_")
+    if flat == override_dirname:
+        return override_dirname
+    return f"{flat}~{hashlib.sha256(override_dirname.encode()).hexdigest()[:8]}"
+
+
+def register_job_dirname_resolver() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver(JOB_DIRNAME_RESOLVER):
+        OmegaConf.register_new_resolver(JOB_DIRNAME_RESOLVER, flat_job_dirname)
+
+
+# At import rather than in main(): a launcher that runs sweep jobs in other processes (submitit's SLURM jobs)
+# resolves hydra.sweep.subdir there without calling main(); unpickling this module's ``run`` imports it.
+register_job_dirname_resolver()
 
 
 def strip_local_rank_argument(argv: list[str]) -> list[str]:

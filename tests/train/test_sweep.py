@@ -30,6 +30,7 @@ from cli_helpers import (
 
 from attnres_train.model.accounting import inference_cache_bytes
 from attnres_train.model.config import ModelConfig
+from attnres_train.train.cli import flat_job_dirname
 
 pytestmark = pytest.mark.slow
 
@@ -206,3 +207,31 @@ def test_failing_job_is_marked_failed_and_compute_matched_runs_spend_the_budget(
         status = {row["model.hybrid_ratio"]: row["status"] for row in csv.DictReader(handle)}
     assert status == {"-1": "failed", "0": "finished", "3": "finished"}
     assert "## Failed runs" in (out_dir / "report.md").read_text()
+
+
+def test_flat_job_dirname_replaces_path_separators_deterministically():
+    plain = "model.hybrid_ratio=3,model.residual=standard"
+    assert flat_job_dirname(plain) == plain  # names without paths stay as Hydra made them: old sweeps resume
+    flat = flat_job_dirname("data.path=/data/web,model.hybrid_ratio=3")
+    assert "/" not in flat and flat.startswith("data.path=_data_web,model.hybrid_ratio=3")
+    assert flat == flat_job_dirname("data.path=/data/web,model.hybrid_ratio=3")
+    # paths that flatten to the same text still get different directories
+    assert flat_job_dirname("data.path=/a/b") != flat_job_dirname("data.path=/a_b")
+
+
+def test_path_valued_override_gives_flat_job_directories_that_a_rerun_finds(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    caches = [tmp_path / "caches" / "a", tmp_path / "caches" / "b"]
+    args = ["-m", f"data.cache_dir={caches[0]},{caches[1]}", *TINY_ARGS, "train.max_steps=1", f"run_dir={sweep_dir}"]
+    check_ok(run_train(args, cwd=tmp_path, timeout=300))
+    # Hydra's override_dirname of each job: the sorted overrides less the keys excluded in configs/train.yaml
+    named = [arg for arg in TINY_ARGS if not arg.startswith(("train.log_every=", "train.progress_bar="))]
+    expected = sorted(flat_job_dirname(",".join(sorted([f"data.cache_dir={cache}", *named, "train.max_steps=1"])))
+                      for cache in caches)
+    assert [d.name for d in job_dirs(sweep_dir)] == expected, sorted(p.name for p in sweep_dir.iterdir())
+    for job_dir in job_dirs(sweep_dir):
+        assert (job_dir / "FINISHED").is_file(), job_dir
+
+    rerun = check_ok(run_train(args, cwd=tmp_path, timeout=300))
+    assert rerun.stdout.count("skipped (already finished)") == 2, describe(rerun)
+    assert [d.name for d in job_dirs(sweep_dir)] == expected
