@@ -213,9 +213,10 @@ def main(argv=None) -> dict:
         texts = corpus_texts(int(args.prepare_mb * 1e6))
         bpe_texts = texts[: max(1, len(texts) * int(args.bpe_mb * 10) // max(1, int(args.prepare_mb * 10)))]
         tokenizer_dir = train_bpe(texts[:200], work / "bpe", vocab_size=8192 if not args.dry_run else 400)
-        prepare_rows = [measure_prepare(work / "byte", texts, "byte", w) for w in (1, 2) if (work / "byte").mkdir(exist_ok=True) or True]
-        prepare_rows += [measure_prepare(work / "bpe_run", bpe_texts, str(tokenizer_dir), w) for w in (1, 2)
-                         if (work / "bpe_run").mkdir(exist_ok=True) or True]
+        (work / "byte").mkdir(exist_ok=True)
+        (work / "bpe_run").mkdir(exist_ok=True)
+        prepare_rows = [measure_prepare(work / "byte", texts, "byte", w) for w in (1, 2)]
+        prepare_rows += [measure_prepare(work / "bpe_run", bpe_texts, str(tokenizer_dir), w) for w in (1, 2)]
 
         shard_tokens = 2**27 if not args.dry_run else 2**19
         small = work / "small"

@@ -290,7 +290,3 @@ def check_tokenizer_matches(dataset: PreparedDataset, tokenizer: Any, tokenizer_
             "tokenizer the dataset was prepared with"
         )
 
-
-def describe(dataset: PreparedDataset) -> dict[str, Optional[int]]:
-    return {f"{part}_{what}": getattr(dataset.part(part), f"num_{what}") for part in ("train", "validation")
-            for what in ("tokens", "documents")}
