@@ -30,6 +30,8 @@ from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from attnres_train.atomic_files import atomic_write
+
 from .config import DataConfig, DataConfigError
 from .prepared import (
     FORMAT_NAME,
@@ -81,16 +83,8 @@ def encode_with_index(tokenizer: Tokenizer, texts: Sequence[str]) -> tuple[np.nd
 
 def _save_npy(path: Path, array: np.ndarray) -> dict:
     """Write ``array`` as .npy through a temporary file + fsync + rename; its manifest entry."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as out:
-            np.save(out, array)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    # The pid in the temporary's name lets a rerun tell a killed writer's leftovers from a live worker's.
+    atomic_write(path, lambda out: np.save(out, array), temp_path=path.with_name(f".{path.name}.{os.getpid()}.tmp"))
     stat = os.stat(path)
     return {"file": path.name, "size_bytes": stat.st_size, "sha256": sha256_of_file(path), "mtime_ns": stat.st_mtime_ns}
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
+
+from attnres_train.atomic_files import atomic_write_bytes, atomic_write_json
 
 from .config import DataConfigError
 
@@ -53,24 +54,13 @@ def sha256_of_file(path: Path) -> str:
 
 
 def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Write to a private temporary file, flush it to disk, then rename it into place: a reader (or a rerun
-    after SIGKILL) sees the old file or the whole new one, never a prefix."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def write_json_atomically(path: Path, payload: Any) -> None:
-    write_bytes_atomically(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode("utf-8"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, payload, indent=1, sort_keys=True)
 
 
 @dataclass(frozen=True)

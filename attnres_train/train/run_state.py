@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
+
+from attnres_train.atomic_files import atomic_write_json
 
 FINISHED_NAME = "FINISHED"
 FAILED_NAME = "FAILED"
@@ -31,6 +32,7 @@ NON_TRAINING_KEYS = (
     "train.resume",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    "train.verify_checkpoints",
     "logger",
 )
 
@@ -50,11 +52,9 @@ def config_key(resolved_config: dict) -> str:
 
 
 def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write ``payload`` as JSON through a temporary file, so a reader never sees half a marker."""
+    """Write ``payload`` as strict JSON (NaN becomes null) atomically, so a reader never sees half a marker."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_json(path, payload)
 
 
 def read_json(path: Path) -> Optional[dict[str, Any]]:
