@@ -26,15 +26,24 @@ Rules:
   while deleting leaves an incomplete directory, never a complete-looking damaged one.
 * ``root_dir`` must be on a file system every rank sees (DeepSpeed loads rely on that too). The save sequence
   is collective: every rank must call ``save`` / ``load`` with the same arguments, in the same order.
-* The marker records every file's size; ``load`` checks them before DeepSpeed reads anything, so a truncated
-  or missing shard fails the same way on every rank with the file named, instead of deep inside DeepSpeed.
+* The marker records every file's size and SHA-256 (each rank hashes a share of the files, so a checkpoint of
+  many ranks is hashed in parallel). ``load`` checks sizes, then contents, before DeepSpeed reads anything: a
+  truncated, missing or altered shard fails the same way on every rank with the file named, and
+  ``newest_verified`` lets a resume fall back to the previous checkpoint that passes.
+* Files are unpickled with ``weights_only=True`` (tensors, containers and a short allow-list of DeepSpeed data
+  classes), here and, through ``WeightsOnlyCheckpointEngine`` in ``engine.py``, inside DeepSpeed's own load: a
+  planted pickle payload raises instead of running. The hashes guard against damage, not against someone who
+  can rewrite both a file and its marker; the README states this trust model.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import time
@@ -46,17 +55,20 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from attnres_train.atomic_files import atomic_write, atomic_write_json, atomic_write_text, fsync_path
+
 logger = logging.getLogger(__name__)
 
 MARKER_NAME = "COMPLETE"
 POINTER_NAME = "latest_complete"
 SUPERSEDED_DIR_NAME = "superseded"
-MARKER_FORMAT_VERSION = 1
+MARKER_FORMAT_VERSION = 2  # 2: per-file SHA-256 ("sha256") and the launch's resolved config ("run_config")
 # The caller's client state travels under one key of DeepSpeed's model-states dict: DeepSpeed merges client
 # state into that dict, so a caller key such as "module" or "optimizer" would otherwise overwrite its data.
 CLIENT_STATE_KEY = "attnres_client_state"
 MODEL_CONFIG_KEY = "model_config"
 FINGERPRINT_KEY = "model_config_fingerprint"
+RUN_CONFIG_KEY = "run_config"  # the resolved config of the launch that wrote the checkpoint
 TAG_PATTERN = re.compile(r"^step_(\d+)$")
 _TEMP_INFIX = ".tmp-"
 
@@ -178,45 +190,91 @@ def validate_fingerprint(
 # --- durable file operations --------------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path) -> None:
-    # Directories are fsynced too: a rename is durable only once its directory entry is.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories; the data files were synced already
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` into a temp file beside ``path``, fsync it, then rename it over ``path``."""
-    temp_path = path.with_name(f".{path.name}{_TEMP_INFIX}{os.getpid()}")
-    try:
-        with open(temp_path, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_path, path)
-    finally:
-        if temp_path.exists():
-            temp_path.unlink()
-    _fsync_path(path.parent)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write_text(path, text)
+
+
+def safe_unpickle_globals() -> list:
+    """Classes a checkpoint file may contain besides tensors and containers: DeepSpeed's plain data records
+    (loss scaler settings, the ZeRO stage enum, fragment addresses of flat partitions) and numpy's array
+    reconstruction (RNG state). None of them runs code when rebuilt."""
+    import numpy as np
+
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return allowed
+    return allowed + [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path, map_location="cpu", mmap: bool = False) -> Any:
+    """``torch.load`` restricted to tensors, containers and ``safe_unpickle_globals()``; a file that needs
+    anything else (a planted payload) raises CheckpointError naming the file and the refused object."""
+    try:
+        with torch.serialization.safe_globals(safe_unpickle_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"an object of type {refused.group(1)}" if refused else "a non-tensor object"
+        raise CheckpointError(
+            f"checkpoint file {path} holds {what}, which is not loaded (only tensors, containers and known "
+            f"DeepSpeed records are): the file was altered or written by other code") from None
 
 
 def read_checkpoint_file(path: Path, mmap: bool = False) -> Any:
-    """``torch.load`` of one checkpoint file onto the CPU (our own pickles included: RNG tuples, arrays); a
-    truncated or foreign file raises CheckpointError naming it. ``mmap``: tensors are read from disk only
-    when touched."""
+    """A checkpoint file onto the CPU, weights-only (``load_weights_only``); a truncated or foreign file raises
+    CheckpointError naming it. ``mmap``: tensors are read from disk only when touched."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        return load_weights_only(path, mmap=mmap)
+    except CheckpointError:
+        raise
     except Exception as error:
         raise CheckpointError(
             f"checkpoint file {path} could not be read ({type(error).__name__}: {error})") from error
+
+
+def sha256_of_file(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def no_space_left(error: BaseException, directory: Path) -> Optional[str]:
+    """A one-line explanation when ``error`` (or its cause) comes from a full disk, else None. torch's zip writer
+    reports ENOSPC as "unexpected pos", so the free space is checked too."""
+    seen: set[int] = set()
+    current: Optional[BaseException] = error
+    full = False
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            full = True
+        if "No space left" in str(current) or "unexpected pos" in str(current):
+            full = True
+        current = current.__cause__ or current.__context__
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    if not full and (free is None or free > 1 << 20):
+        return None
+    free_text = f"{free / 2**20:.1f} MiB free" if free is not None else "free space unknown"
+    return f"no space left on the device holding {directory} ({free_text})"
+
+
+def process_group_all_gather() -> Callable[[Any], list]:
+    """Every rank's object, in rank order (``all_gather_object``), or ``[obj]`` in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        def gather(obj: Any) -> list:
+            out: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(out, obj)
+            return out
+
+        return gather
+    return lambda obj: [obj]
 
 
 def process_group_barrier() -> Callable[[], None]:
@@ -237,10 +295,13 @@ class CheckpointManager:
         keep_last: complete checkpoints kept in ``root_dir`` (>= 1), or 0 to keep every one.
         rank, world_size: this process's global rank and the number of ranks.
         barrier: blocks until every rank reached it (``process_group_barrier()``).
+        all_gather: every rank's object in rank order (``process_group_all_gather()``); default: that of the
+            initialised process group, else a single process.
     """
 
     def __init__(
-        self, root_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int, barrier: Callable[[], None]
+        self, root_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int, barrier: Callable[[], None],
+        all_gather: Optional[Callable[[Any], list]] = None,
     ):
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
             raise ValueError(f"keep_last must be an int >= 0 (0 keeps every checkpoint), got {keep_last!r}")
@@ -255,6 +316,7 @@ class CheckpointManager:
         self.rank = rank
         self.world_size = world_size
         self.barrier = barrier
+        self.all_gather = all_gather if all_gather is not None else process_group_all_gather()
         self.loaded_tag: Optional[str] = None
         # Tags whose on-disk state is this run's own state: written by this manager or resumed from.
         self._own_tags: set[str] = set()
@@ -354,18 +416,21 @@ class CheckpointManager:
                                    save_latest=False)
             if rank_state is not None:
                 tag_dir.mkdir(parents=True, exist_ok=True)
-                _atomic_write(self._rank_state_path(tag_dir, self.rank), lambda handle: torch.save(rank_state, handle))
+                atomic_write(self._rank_state_path(tag_dir, self.rank), lambda handle: torch.save(rank_state, handle))
         except Exception as error:
             previous = self.latest()
+            # Incomplete, so never loadable; removing it now gives the space back and leaves no partial file.
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            reason = no_space_left(error, self.root_dir) or f"{type(error).__name__}: {error}"
             raise CheckpointError(
-                f"saving checkpoint {tag_dir} failed on rank {self.rank} ({type(error).__name__}: {error}); "
-                f"it stays incomplete and is never loaded; the newest complete checkpoint is "
-                f"{previous[1] if previous else 'none'}"
+                f"saving checkpoint {tag_dir} failed on rank {self.rank}: {reason}; the partial checkpoint was "
+                f"removed; the newest complete checkpoint is {previous[1] if previous else 'none'}"
             ) from error
         self.barrier()
 
+        hashes = self._hash_share(tag_dir)
         if self.rank == 0:
-            self._commit(tag, step, client_state)
+            self._commit(tag, step, client_state, hashes)
             self._prune()
         self.barrier()
         self._own_tags.add(tag)
@@ -383,25 +448,35 @@ class CheckpointManager:
                 shutil.rmtree(tag_dir)  # a crashed save: never loadable, and it may block this tag's directory
                 logger.info("removed incomplete checkpoint %s", tag_dir)
             elif tag_step >= step and tag != keep_tag:
-                superseded_dir = self.root_dir / SUPERSEDED_DIR_NAME
-                superseded_dir.mkdir(exist_ok=True)
-                destination = superseded_dir / f"{tag}.{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**9:09d}"
-                os.replace(tag_dir, destination)
+                destination = self._move_aside(tag)
                 logger.warning(
                     "checkpoint %s is from another trajectory (this run is at step %d and did not write or resume "
                     "from it): moved to %s", tag_dir, step, destination)
-        _fsync_path(self.root_dir)
+        fsync_path(self.root_dir)
 
-    def _commit(self, tag: str, step: int, client_state: Mapping[str, Any]) -> None:
+    def _files_of(self, tag_dir: Path) -> list[str]:
+        return sorted(path.relative_to(tag_dir).as_posix() for path in tag_dir.rglob("*")
+                      if path.is_file() and path.name != MARKER_NAME)
+
+    def _hash_share(self, tag_dir: Path) -> dict[str, str]:
+        """Collective: each rank hashes every world_size-th file of the tag; every rank gets all hashes."""
+        files = self._files_of(tag_dir) if tag_dir.is_dir() else []
+        mine = {name: sha256_of_file(tag_dir / name) for name in files[self.rank::self.world_size]}
+        merged: dict[str, str] = {}
+        for share in self.all_gather(mine):
+            merged.update(share)
+        return merged
+
+    def _commit(self, tag: str, step: int, client_state: Mapping[str, Any], hashes: Mapping[str, str]) -> None:
         """Rank 0, after every rank finished writing: make the files durable, write the marker, move the pointer."""
         tag_dir = self.root_dir / tag
         file_sizes = {}
         for path in sorted(tag_dir.rglob("*")):
             if path.is_file() and path.name != MARKER_NAME:
-                _fsync_path(path)
+                fsync_path(path)
                 file_sizes[path.relative_to(tag_dir).as_posix()] = path.stat().st_size
         for directory in sorted({path.parent for path in tag_dir.rglob("*")} | {tag_dir}):
-            _fsync_path(directory)
+            fsync_path(directory)
         now = time.time()
         marker = {
             "format_version": MARKER_FORMAT_VERSION,
@@ -418,9 +493,12 @@ class CheckpointManager:
             "config_fingerprint": client_state.get(FINGERPRINT_KEY),
             # Lets a resume name the differing fields before DeepSpeed reads any tensor (no shape traceback).
             MODEL_CONFIG_KEY: client_state.get(MODEL_CONFIG_KEY),
+            # Lets a resume compare the launch's config with the one that produced this state, field by field.
+            RUN_CONFIG_KEY: client_state.get(RUN_CONFIG_KEY),
             "files": file_sizes,
+            "sha256": {name: hashes[name] for name in file_sizes if name in hashes},
         }
-        _atomic_write_text(tag_dir / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+        atomic_write_json(tag_dir / MARKER_NAME, marker)
         _atomic_write_text(self.root_dir / POINTER_NAME, tag + "\n")
 
     def _prune(self) -> None:
@@ -436,7 +514,7 @@ class CheckpointManager:
             tag_dir = self.root_dir / tag
             # Marker first: a crash mid-delete then leaves an incomplete directory, which nothing loads.
             (tag_dir / MARKER_NAME).unlink()
-            _fsync_path(tag_dir)
+            fsync_path(tag_dir)
             shutil.rmtree(tag_dir)
             logger.info("pruned checkpoint %s (keep_last=%d)", tag_dir, self.keep_last)
         for stray in self.root_dir.glob(f".{POINTER_NAME}{_TEMP_INFIX}*"):
@@ -469,6 +547,62 @@ class CheckpointManager:
                     f"checkpoint file {path} is damaged: {actual_size} bytes, {expected_size} when it was saved "
                     f"(truncated or overwritten)")
 
+    def verify(self, tag: str) -> Optional[str]:
+        """Collective: None when every file of the complete checkpoint ``tag`` has its recorded size and SHA-256,
+        else one line naming the first bad file (the same on every rank). Each rank hashes a share of the files.
+        A checkpoint written before hashes were recorded is checked by size only (with a warning)."""
+        tag_dir = self.root_dir / tag
+        marker = self.read_marker(tag)
+        if marker is None:
+            return f"{tag_dir} has no valid {MARKER_NAME} marker"
+        try:
+            self._check_files(tag_dir, marker)
+        except CheckpointError as error:
+            return str(error)
+        recorded = marker.get("sha256")
+        if not isinstance(recorded, dict):
+            logger.warning("checkpoint %s records no content hashes (written by an older version): only file "
+                           "sizes were checked", tag_dir)
+            return None
+        names = sorted(recorded)
+        mine = []
+        for name in names[self.rank::self.world_size]:
+            if sha256_of_file(tag_dir / name) != recorded[name]:
+                mine.append(f"checkpoint file {tag_dir / name} is damaged: its content differs from the SHA-256 "
+                            "recorded when it was saved")
+        problems = sorted(problem for share in self.all_gather(mine) for problem in share)
+        return problems[0] if problems else None
+
+    def newest_verified(self) -> tuple[Optional[str], list[str]]:
+        """Collective: the newest complete checkpoint whose files verify, and one line per newer one that did not
+        (newest first). The pointer's tag is tried first, then the other complete tags by descending step."""
+        latest = self.latest()
+        if latest is None:
+            return None, []
+        order = [latest[0]] + [tag for tag in reversed(self.complete_tags()) if tag != latest[0]]
+        rejected = []
+        for tag in order:
+            problem = self.verify(tag)
+            if problem is None:
+                return tag, rejected
+            rejected.append(problem)
+        return None, rejected
+
+    def supersede_all(self) -> list[Path]:
+        """Rank 0, for a fresh start in a run_dir that has checkpoints: move every complete one to
+        ``superseded/`` (kept, never loaded or pruned again). Returns their new paths."""
+        moved = []
+        for tag in self.complete_tags():
+            moved.append(self._move_aside(tag))
+        return moved
+
+    def _move_aside(self, tag: str) -> Path:
+        superseded_dir = self.root_dir / SUPERSEDED_DIR_NAME
+        superseded_dir.mkdir(exist_ok=True)
+        destination = superseded_dir / f"{tag}.{time.strftime('%Y%m%d-%H%M%S')}.{time.time_ns() % 10**9:09d}"
+        os.replace(self.root_dir / tag, destination)
+        return destination
+
     @staticmethod
     def _find_unreadable_file(tag_dir: Path, marker: Mapping[str, Any]) -> Optional[str]:
         """After a failed load: name the first file whose zip structure or CRCs are broken (torch.save's format)."""
@@ -484,14 +618,15 @@ class CheckpointManager:
         return None
 
     def load(self, engine: Any, tag: Optional[str] = None,
-             restore: Optional[Callable[[Any, Path], dict]] = None) -> Optional[dict]:
+             restore: Optional[Callable[[Any, Path], dict]] = None, verify: bool = True) -> Optional[dict]:
         """Load the given (or newest) complete checkpoint into ``engine``, with optimizer and LR scheduler state.
 
         ``restore(engine, tag_dir)`` replaces DeepSpeed's own load and returns the client state (used to resume
         under another parallel layout, see ``reshard``); the file checks and error reporting stay the same.
         Returns the ``client_state`` passed to ``save``, or None when root_dir holds no complete checkpoint.
-        Raises CheckpointError naming the path when the tag is incomplete, or a file is missing or corrupt; the
-        engine may then be partly loaded and should not be trained further.
+        Raises CheckpointError naming the path when the tag is incomplete, or a file is missing, corrupt or (with
+        ``verify``, a collective) differs from its recorded hash; the engine may then be partly loaded and should
+        not be trained further.
         """
         resolved = self._resolve_complete_tag(tag)
         if resolved is None:
@@ -500,6 +635,12 @@ class CheckpointManager:
         tag, marker = resolved
         tag_dir = self.root_dir / tag
         self._check_files(tag_dir, marker)
+        if verify:
+            problem = self.verify(tag)
+            if problem is not None:
+                raise CheckpointError(
+                    f"{problem}; other complete checkpoints: "
+                    f"{[other for other in self.complete_tags() if other != tag] or 'none'}")
         try:
             if restore is not None:
                 client_state = restore(engine, tag_dir)

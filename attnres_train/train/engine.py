@@ -124,4 +124,18 @@ def initialize_engine(model, optimizer, lr_scheduler, ds_config: dict):
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=ds_config
     )
+    restrict_checkpoint_loads(engine)
     return engine
+
+
+def restrict_checkpoint_loads(engine) -> None:
+    """DeepSpeed unpickles checkpoint files with ``weights_only=False``, which runs any code planted in them.
+    Every file it reads goes through its checkpoint engine's ``load``; route that through the weights-only
+    loader (tensors, containers and DeepSpeed's allow-listed data records)."""
+    from .checkpoint import load_weights_only
+
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:
+        raise RuntimeError("this DeepSpeed version has no engine.checkpoint_engine: checkpoint loads cannot be "
+                           "restricted to weights; pin the deepspeed version this package was tested with")
+    checkpoint_engine.load = lambda path, map_location=None: load_weights_only(path, map_location=map_location)

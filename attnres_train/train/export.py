@@ -21,7 +21,9 @@ import torch
 
 from attnres_train.model import build_model
 
-from .checkpoint import MARKER_NAME, MODEL_CONFIG_KEY, CheckpointError, read_checkpoint_file
+from attnres_train.atomic_files import atomic_write
+
+from .checkpoint import MARKER_NAME, MODEL_CONFIG_KEY, CheckpointError, no_space_left, read_checkpoint_file
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt$")
 
@@ -64,7 +66,8 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
 
 
 def load_exported(path: Path, device: str | torch.device = "cpu"):
-    payload = torch.load(path, map_location=device, weights_only=False)
+    payload = read_checkpoint_file(path)  # weights-only: the config is plain data
+    payload["state_dict"] = {k: v.to(device) for k, v in payload["state_dict"].items()}
     model = build_model(payload["model_config"]).to(device)
     model.load_state_dict(payload["state_dict"], strict=True)
     return model
@@ -89,7 +92,15 @@ def main(argv=None) -> None:
     if args.output.exists():
         print(f"error: {args.output} exists; not overwriting it", file=sys.stderr)
         raise SystemExit(2)
-    torch.save({"model_config": model_cfg, "state_dict": state}, args.output)
+    if not args.output.parent.is_dir():
+        print(f"error: {args.output}: the directory {args.output.parent} does not exist", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        atomic_write(args.output, lambda handle: torch.save({"model_config": model_cfg, "state_dict": state}, handle))
+    except OSError as error:
+        reason = no_space_left(error, args.output.parent) or f"{error.strerror or error}"
+        print(f"error: writing {args.output} failed: {reason}; nothing was left behind", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {args.output}: {sum(v.numel() for v in state.values() if torch.is_tensor(v)):,} values")
 
 

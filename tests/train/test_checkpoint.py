@@ -182,10 +182,20 @@ def test_two_ranks_follow_the_same_barrier_sequence(tmp_path):
     thread_barrier = threading.Barrier(world_size, timeout=20)
     errors = []
 
+    shared: list = [None] * world_size
+
+    def all_gather(rank, obj):  # what all_gather_object does across processes, across threads
+        thread_barrier.wait()
+        shared[rank] = obj
+        thread_barrier.wait()
+        gathered = list(shared)
+        thread_barrier.wait()
+        return gathered
+
     def run_rank(rank):
         try:
             manager = CheckpointManager(tmp_path, keep_last=1, rank=rank, world_size=world_size,
-                                        barrier=thread_barrier.wait)
+                                        barrier=thread_barrier.wait, all_gather=lambda obj: all_gather(rank, obj))
             engine = _ShardWritingEngine(rank)
             manager.save(engine, 5, {"step": 5}, rank_state={"rank": rank})
             manager.save(engine, 5, {"step": 5})  # same state again: skipped on both ranks
@@ -284,7 +294,10 @@ def test_crash_during_save_keeps_previous_checkpoint_loadable(engine, tmp_path, 
         manager.save(engine, 20, {"step": 20})
     assert isinstance(excinfo.value.__cause__, OSError)
     partial_dir = tmp_path / "step_00000020"
-    assert (partial_dir / MODEL_FILE).is_file() and not (partial_dir / MARKER_NAME).exists()
+    assert not partial_dir.exists()  # a failed save removes what it wrote
+    # A save killed outright (no exception to clean up after) leaves a partial directory: never loaded.
+    partial_dir.mkdir()
+    (partial_dir / MODEL_FILE).write_bytes((tmp_path / "step_00000010" / MODEL_FILE).read_bytes())
     assert manager.latest() == ("step_00000010", tmp_path / "step_00000010")
     assert (tmp_path / POINTER_NAME).read_text().strip() == "step_00000010"
     with pytest.raises(CheckpointError, match="step_00000020 is incomplete"):
@@ -364,5 +377,8 @@ def test_corrupt_file_of_same_size_raises_checkpoint_error_with_cause(engine, tm
         manager.load(engine)
     message = str(excinfo.value)
     assert str(optim_path) in message and "step_00000003" in message  # names the file and the alternative
-    assert excinfo.value.__cause__ is not None
+    assert "differs from the SHA-256" in message  # caught by its hash, before DeepSpeed reads it
+    with pytest.raises(CheckpointError) as excinfo:  # without the hash check DeepSpeed's own failure is named
+        manager.load(engine, verify=False)
+    assert str(optim_path) in str(excinfo.value) and excinfo.value.__cause__ is not None
     assert manager.load(engine, tag="step_00000003") == {"step": 3}
