@@ -57,6 +57,7 @@ from torch import nn
 
 from attnres_train.model.attnres import ResidualStream, source_rstd
 from attnres_train.model.decoder import DecoderLayer, HybridDecoder
+from attnres_train.model.loss import language_model_loss
 from attnres_train.model.packing import DocumentLayout
 from attnres_train.parallel.pipeline_partition import (
     Partition,
@@ -65,7 +66,6 @@ from attnres_train.parallel.pipeline_partition import (
     stage_costs,
 )
 
-IGNORE_INDEX = -100
 TIED_EMBEDDING_KEY = "embed"
 _TIED_PREFIX = f"tied_modules.{TIED_EMBEDDING_KEY}."
 
@@ -258,10 +258,7 @@ def tied_lm_head(embedding: EmbeddingStage, inputs: tuple[torch.Tensor, torch.Te
 def pipeline_loss(outputs: tuple[torch.Tensor, torch.Tensor], labels_BT: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross entropy over labels != -100 (in fp32) plus the summed MoE auxiliary losses."""
     logits_BTV, aux_1 = outputs
-    lm_loss = F.cross_entropy(
-        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-    return lm_loss + aux_1.sum()
+    return language_model_loss(logits_BTV, labels_BT) + aux_1.sum()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -89,21 +89,33 @@ def run(cfg) -> dict:
 
 
 def _train(cfg, exit_on_user_error: bool) -> dict:
+    from attnres_train.data import DataStateError
     from attnres_train.data.config import DataConfigError
     from attnres_train.model.config import ModelConfigError
 
-    from .checkpoint import CheckpointError
+    from .checkpoint import CheckpointError, no_space_left
     from .config import RunConfigError
+    from .divergence import TrainingDivergedError
     from .optim import OptimConfigError
+    from .resume_config import ResumeConfigError
+    from .run_lock import RunDirLockedError
     from .trainer import Trainer
 
-    user_errors = (RunConfigError, ModelConfigError, DataConfigError, OptimConfigError, CheckpointError)
+    user_errors = (RunConfigError, ModelConfigError, DataConfigError, OptimConfigError, CheckpointError,
+                   DataStateError, ResumeConfigError, RunDirLockedError, TrainingDivergedError)
     try:
         return Trainer(cfg).run()
     except user_errors as exc:
         if not exit_on_user_error:
             raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        prefix = "error: resume: " if isinstance(exc, DataStateError) else "error: "
+        print(f"{prefix}{exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    except OSError as exc:
+        full = no_space_left(exc, Path(str(cfg.run_dir)))
+        if full is None or not exit_on_user_error:
+            raise
+        print(f"error: {full}: {exc.strerror or exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
 
@@ -152,12 +164,29 @@ def run_sweep_job(cfg) -> dict:
     return result
 
 
+def check_run_dir_override(argv: list[str]) -> None:
+    """Hydra creates ``run_dir`` before the app runs and reports a failure with its own traceback; a run_dir given
+    on the command line is checked first, so an impossible one is one line."""
+    values = [arg.split("=", 1)[1] for arg in argv if arg.lstrip("+").startswith("run_dir=")]
+    if not values or "${" in values[-1]:
+        return
+    path = Path(values[-1]).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: run_dir={values[-1]}: cannot create the directory ({error.strerror or error})")
+    if not os.access(path, os.W_OK):
+        raise SystemExit(f"error: run_dir={values[-1]}: the directory is not writable")
+
+
 def main() -> None:
     import hydra
 
     from .config import register_schema
 
     sys.argv = strip_local_rank_argument(sys.argv)
+    if "-m" not in sys.argv and "--multirun" not in sys.argv:
+        check_run_dir_override(sys.argv[1:])
     register_schema()
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(run)
     app()

@@ -47,6 +47,12 @@ class TrainConfig:
     progress_bar: bool = True  # tqdm bar on rank 0
     num_threads: Optional[int] = None  # torch CPU threads per process (default: torch's choice)
     peak_flops: Optional[float] = None  # per-device peak FLOP/s for MFU; default: looked up from the GPU name
+    # Updates skipped in a row when the loss or a gradient is non-finite (NaN/inf) before the run stops with an
+    # error naming the step; 0 stops at the first. A skipped update changes no weight, moment or step count.
+    skip_nonfinite_steps: int = 3
+    # Hash every checkpoint file before resuming (and fall back past damaged ones with resume=auto). Off only for
+    # file systems where re-reading a checkpoint is too slow and its integrity is guaranteed otherwise.
+    verify_checkpoints: bool = True
 
 
 @dataclass
@@ -98,6 +104,7 @@ def validate_train(train: TrainConfig) -> None:
     need(train.num_threads is None or train.num_threads >= 1, "num_threads", "null or an integer >= 1")
     need(train.flops_budget is None or train.flops_budget > 0, "flops_budget", "null or a positive FLOP count")
     need(train.peak_flops is None or train.peak_flops > 0, "peak_flops", "null or a positive FLOP/s figure")
+    need(train.skip_nonfinite_steps >= 0, "skip_nonfinite_steps", "an integer >= 0")
 
 
 def validate_parallel(parallel: ParallelConfig) -> None:

@@ -1,9 +1,15 @@
-"""The training loop: data -> DeepSpeed engine -> optimizer step -> MoE balancing -> metrics -> checkpoints.
+"""The training loop: data -> DeepSpeed engine -> optimizer step -> callbacks (MoE balancing, divergence check,
+metrics, validation, checkpoints).
+
+``Trainer.run`` holds the run directory's lock for the whole run, then: set-up (loaders, model, engine),
+resume (verified checkpoint, config comparison), run-directory markers, and the loop. A step is one of two kinds
+(``MicroBatchStep``: forward/backward per micro-batch; ``PipelineStep``: DeepSpeed's pipeline schedule); what
+follows a step lives in ``callbacks.py``.
 
 Exact resume: a checkpoint holds model, optimizer and LR-schedule state (DeepSpeed) plus, in client_state, the
-step, tokens seen, the training loader's position, every RNG state and the model config with its fingerprint.
-Checkpoints are only taken between optimizer steps, where the MoE load counters are empty, so restoring this
-state continues the run as if it had never stopped.
+step, tokens seen, the training loader's position, every RNG state, the model config with its fingerprint and
+the launch's resolved config. Checkpoints are only taken between optimizer steps, where the MoE load counters
+are empty, so restoring this state continues the run as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -11,23 +17,35 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
+from attnres_train.atomic_files import atomic_write_text
 from attnres_train.data import build_loaders, build_tokenizer
 from attnres_train.data.config import DataConfig
 from attnres_train.model import ModelConfig, build_model
 from attnres_train.model.accounting import describe
+from attnres_train.model.loss import language_model_loss
 
+from .callbacks import (
+    Checkpointing,
+    DivergenceCheck,
+    MetricsRecording,
+    MoEBalancing,
+    StepResult,
+    TrainState,
+    Validation,
+)
 from .checkpoint import (
     FINGERPRINT_KEY,
     MODEL_CONFIG_KEY,
+    RUN_CONFIG_KEY,
     CheckpointError,
     CheckpointManager,
     config_fingerprint,
@@ -43,36 +61,28 @@ from .config import (
     validate_parallel,
     validate_train,
 )
+from .divergence import NonFiniteStepGuard
 from .engine import DistributedContext, deepspeed_config, initialize_engine, resolve_precision, setup_distributed
-from .metrics import MetricsLogger, model_flops_utilization, peak_flops_per_device
+from .metrics import MetricsLogger, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer, param_group_names
-from .pipelined import (
-    batches_by_source,
-    build_stage_module,
-    mixture_loss,
-    clip_by_global_norm,
-    needs_own_clipping,
-    pipeline_batches,
-    pipeline_traffic,
-    pipeline_validation_loss,
-    validation_source_names,
-)
+from .pipelined import build_stage_module, clip_by_global_norm, needs_own_clipping, pipeline_batches, pipeline_traffic
 from .reshard import OPTIMIZER_NAMES_KEY, layout_changes, model_names
+from .resume_config import apply_optimizer_config, check_resume_config, optimizer_hyperparameters
 from .rng import capture_rng_state, restore_rng_state
+from .run_lock import RunDirLock, RunDirLockedError
 from .run_state import (
     FAILED_NAME,
     FINISHED_NAME,
     RESOLVED_CONFIG_NAME,
     clear_marker,
     config_key,
+    finished_marker,
     is_finished_with,
     write_json_atomic,
 )
 from .schedule import build_lr_scheduler
 
 _log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class StopRequested:
@@ -94,12 +104,6 @@ class StopRequested:
         self.signal_name = signal.Signals(signum).name
 
 
-def language_model_loss(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(
-        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]), labels_BT.reshape(-1), ignore_index=IGNORE_INDEX
-    )
-
-
 def _typed(section: Any, cls):
     from omegaconf import DictConfig, OmegaConf
 
@@ -108,6 +112,54 @@ def _typed(section: Any, cls):
     if isinstance(section, DictConfig):
         section = OmegaConf.to_container(section, resolve=True)
     return cls(**section)
+
+
+class MicroBatchStep:
+    """One optimizer step as ``grad_accum_steps`` forward/backward passes through the DeepSpeed engine."""
+
+    def __init__(self, engine, train_loader, grad_accum_steps: int, guard: NonFiniteStepGuard, ctx):
+        self.engine, self.train_loader, self.grad_accum_steps = engine, train_loader, grad_accum_steps
+        self.guard, self.ctx = guard, ctx
+
+    def __call__(self) -> StepResult:
+        engine, ctx = self.engine, self.ctx
+        loss, aux, grad_norm = 0.0, 0.0, None
+        for _ in range(self.grad_accum_steps):
+            batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(self.train_loader).items()}
+            out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
+            lm_loss = language_model_loss(out.logits, batch["labels"])
+            engine.backward(lm_loss + out.aux_loss)
+            micro_loss = lm_loss.item()
+            self.guard.report_loss(micro_loss + float(out.aux_loss.item()))
+            if engine.is_gradient_accumulation_boundary():
+                grad_norm = _unclipped_grad_norm_if_untracked(engine)
+            engine.step()
+            loss += micro_loss / self.grad_accum_steps
+            aux += float(out.aux_loss.item()) / self.grad_accum_steps
+        return StepResult(loss=ctx.mean_over_ranks(loss), aux_loss=ctx.mean_over_ranks(aux),
+                          grad_norm=_finite_or_none(grad_norm), skipped=self.guard.skipped_last_step)
+
+
+class PipelineStep:
+    """One optimizer step as DeepSpeed's pipeline schedule; its loss already holds the MoE aux losses carried
+    across the stages."""
+
+    def __init__(self, engine, train_batches, grad_norm, guard: NonFiniteStepGuard, ctx):
+        self.engine, self.train_batches, self.grad_norm, self.guard, self.ctx = (
+            engine, train_batches, grad_norm, guard, ctx)
+
+    def __call__(self) -> StepResult:
+        loss = float(self.engine.train_batch(data_iter=self.train_batches))
+        grad_norm = self.grad_norm() if self.grad_norm is not None else None
+        return StepResult(loss=self.ctx.mean_over_ranks(loss), aux_loss=0.0, grad_norm=_finite_or_none(grad_norm),
+                          skipped=self.guard.skipped_last_step)
+
+
+@dataclass
+class ResumePoint:
+    tag: Optional[str]  # None: a fresh start
+    marker: dict
+    config_changes: tuple[str, ...] = ()  # "field: saved X, current Y" for each field this launch changes
 
 
 class Trainer:
@@ -136,10 +188,33 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def run(self) -> dict:
+        if self.train_cfg.num_threads:
+            torch.set_num_threads(self.train_cfg.num_threads)
+        ctx = setup_distributed(self.parallel_cfg, self.train_cfg)
+        lock = self._lock_run_dir(ctx)
+        try:
+            return self._run_locked(ctx)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _lock_run_dir(self, ctx: DistributedContext) -> Optional[RunDirLock]:
+        """Rank 0 holds the run_dir lock; every rank learns whether it got it, so all of them stop together."""
+        lock, refusal = None, None
+        if ctx.is_main:
+            lock = RunDirLock(self.run_dir)
+            try:
+                lock.acquire()
+            except RunDirLockedError as error:
+                lock, refusal = None, str(error)
+        flag = torch.tensor([1.0 if refusal else 0.0], device=ctx.device)
+        ctx.all_reduce_sum_(flag)
+        if flag.item() > 0:
+            raise RunDirLockedError(refusal or f"run_dir {self.run_dir} is in use by another launch (see rank 0)")
+        return lock
+
+    def _run_locked(self, ctx: DistributedContext) -> dict:
         train = self.train_cfg
-        if train.num_threads:
-            torch.set_num_threads(train.num_threads)
-        ctx = setup_distributed(self.parallel_cfg, train)
         precision = resolve_precision(train, ctx.device)
         stages = self.parallel_cfg.pipeline_stages
         if ctx.world_size % stages:
@@ -174,7 +249,7 @@ class Trainer:
             world_size=ctx.world_size,
             barrier=ctx.barrier,
         )
-        resume_tag, resume_marker = self._resume_target(checkpoints)
+        resume = self._resume_point(checkpoints, ctx)
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
@@ -196,6 +271,11 @@ class Trainer:
         flops_per_token = accounting["train_flops_per_token"]
         tokens_per_step = train.micro_batch_size * train.grad_accum_steps * dp_world * self.data_cfg.seq_len
         total_steps = target_steps(train, flops_per_token, tokens_per_step)
+        if resume.tag is not None:
+            done = self._finished_before_start(resume, total_steps, ctx)
+            if done is not None:
+                return done
+
         trained_module, moe_layers = model, model.moe_layers()
         if stages > 1:
             trained_module = build_stage_module(
@@ -205,7 +285,9 @@ class Trainer:
 
             moe_layers = local_moe_layers(trained_module)
         optimizer = build_optimizer(trained_module, self.optim_cfg)
+        guard = NonFiniteStepGuard(optimizer, ctx.all_reduce_sum_, ctx.device)  # before the scheduler wraps step
         lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=total_steps)
+        launched_hyperparameters = optimizer_hyperparameters(optimizer)
         own_clipping = needs_own_clipping(self.parallel_cfg, precision)
         grad_clip = 0.0 if own_clipping else self.optim_cfg.grad_clip
         ds_config = deepspeed_config(train, self.parallel_cfg, grad_clip, precision, dp_world)
@@ -216,44 +298,21 @@ class Trainer:
             pipeline_grad_norm = clip_by_global_norm(engine.optimizer, trained_module,
                                                      engine.grid.get_pipe_parallel_group(), self.optim_cfg.grad_clip)
 
-        step, tokens_seen = 0, 0
+        state = TrainState(step=0, tokens_seen=0, total_steps=total_steps, tokens_per_step=tokens_per_step,
+                           flops_per_token=flops_per_token)
         layout = self._layout(precision, dp_world, trained_module)
-        if resume_tag is not None:
-            restore = None
-            changes = layout_changes(resume_marker, layout, checkpoints.root_dir / resume_tag)
-            if changes:  # saved under another layout: read it back by parameter name
-                _log.warning("checkpoint %s was saved under another parallel layout (%s): resuming it by parameter "
-                             "name", checkpoints.root_dir / resume_tag, "; ".join(changes))
-                restore = self._layout_change_restore(int(resume_marker.get("pipeline_stages") or 1), stages)
-            client_state = checkpoints.load(engine, tag=resume_tag, restore=restore)
-            step = int(client_state["step"])
-            tokens_seen = int(client_state["tokens_seen"])
-            train_loader.load_state_dict(client_state["train_loader"])
-            rank_state = checkpoints.load_rank_state(resume_tag)
-            if rank_state is not None:  # absent when resuming on more ranks than saved
-                restore_rng_state(rank_state["rng"])
-        peak = peak_flops_per_device(ctx.device, train.peak_flops)
+        applied_changes: list[str] = []
+        if resume.tag is not None:
+            state.step, state.tokens_seen = self._restore(checkpoints, engine, resume, layout, train_loader)
+            applied_changes = self._apply_config_changes(resume, optimizer, lr_scheduler, launched_hyperparameters)
         if ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resume_tag is not None:
-                _supersede_metrics_after(self.run_dir / "metrics.jsonl", step)
-            summary = {**accounting, "tokens_per_step": tokens_per_step, "total_steps": total_steps,
-                       "flops_budget": train.flops_budget}
-            if stages > 1:
-                summary["pipeline"] = pipeline_traffic(
-                    model, self.parallel_cfg, self.data_cfg.seq_len, train.micro_batch_size, precision
-                )
-            (self.run_dir / "model_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            _write_resolved_config(self.run_dir / RESOLVED_CONFIG_NAME, self.resolved_config)
-            clear_marker(self.run_dir, FAILED_NAME)
-            if step < total_steps:  # a finished run being extended is unfinished again until it ends
-                clear_marker(self.run_dir, FINISHED_NAME)
+            self._prepare_run_dir(checkpoints, resume, state, accounting, model, precision)
         logger = MetricsLogger(
             self.run_dir,
             self.logger_cfg,
             ctx.is_main,
             total_steps=total_steps,
-            start_step=step,
+            start_step=state.step,
             progress_bar=train.progress_bar,
             resolved_config=self.resolved_config,
         )
@@ -262,122 +321,92 @@ class Trainer:
             f"params={accounting['total_parameters']:,} active={accounting['active_parameters']:,} "
             f"layers={accounting['layer_pattern']} steps={total_steps}"
             + (f" flops_budget={train.flops_budget:.4g}" if train.flops_budget else "")
-            + (f" resumed_from={resume_tag} step={step}" if resume_tag is not None else "")
+            + (f" resumed_from={resume.tag} step={state.step}" if resume.tag is not None else "")
         )
+        for change in applied_changes:
+            logger.message(f"resume: applying the changed config: {change}")
+
+        def newest_checkpoint() -> str:
+            latest = checkpoints.latest()
+            return str(latest[1]) if latest else "none"
 
         stop = StopRequested()
+        if stages > 1:
+            step_fn = PipelineStep(engine, pipeline_batches(train_loader, ctx.device), pipeline_grad_norm, guard, ctx)
+        else:
+            step_fn = MicroBatchStep(engine, train_loader, train.grad_accum_steps, guard, ctx)
+        callbacks = [
+            MoEBalancing(moe_layers, ctx, dp_group),
+            MetricsRecording(logger, train.log_every, lr_scheduler, lambda: _grad_norm(engine), ctx,
+                             peak_flops_per_device(ctx.device, train.peak_flops)),
+            DivergenceCheck(train.skip_nonfinite_steps, logger, newest_checkpoint),  # after the step's record
+            Validation(engine, val_loader, train.val_every, train.val_batches, ctx, logger, pipelined=stages > 1),
+            Checkpointing(train.checkpoint_every,
+                          lambda s: self._save(checkpoints, engine, ctx, s.step, s.tokens_seen, train_loader, layout),
+                          lambda: self._agreed_stop(stop, ctx), trained_module.parameters, ctx, newest_checkpoint),
+        ]
         stop.install()
-        last_loss = float("nan")
-        last_val: Optional[float] = None
-        stopped_by: Optional[str] = None
         try:
-            window_start = time.perf_counter()
-            window_steps = 0
-            train_batches = pipeline_batches(train_loader, ctx.device)
-            while step < total_steps:
+            state.speed.restart()
+            while state.step < total_steps:
                 engine.train()
-                step_loss, step_aux, grad_norm = 0.0, 0.0, None
-                if stages > 1:
-                    # The pipeline loss already contains the MoE aux losses carried across the stages.
-                    step_loss = float(engine.train_batch(data_iter=train_batches))
-                    grad_norm = pipeline_grad_norm() if pipeline_grad_norm is not None else None
-                else:
-                    for _ in range(train.grad_accum_steps):
-                        batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
-                        out = engine(batch["input_ids"], doc_ids=batch["doc_ids"])
-                        lm_loss = language_model_loss(out.logits, batch["labels"])
-                        engine.backward(lm_loss + out.aux_loss)
-                        if engine.is_gradient_accumulation_boundary():
-                            grad_norm = _unclipped_grad_norm_if_untracked(engine)
-                        engine.step()
-                        step_loss += lm_loss.item() / train.grad_accum_steps
-                        step_aux += float(out.aux_loss.item()) / train.grad_accum_steps
-                step += 1
-                tokens_seen += tokens_per_step
-                window_steps += 1
-                moe_stats = self._update_moe_balance(moe_layers, ctx, dp_group)
-                last_loss = ctx.mean_over_ranks(step_loss)
-
-                if step % train.log_every == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    tokens_per_s = tokens_per_step * window_steps / max(elapsed, 1e-9)
-                    record = {
-                        "step": step,
-                        "loss": last_loss,
-                        "aux_loss": ctx.mean_over_ranks(step_aux),
-                        "lr": float(lr_scheduler.get_last_lr()[0]),
-                        "grad_norm": grad_norm if grad_norm is not None else _grad_norm(engine),
-                        "tokens": tokens_seen,
-                        "flops": tokens_seen * flops_per_token,
-                        "tokens_per_s": tokens_per_s,
-                        "step_time_s": elapsed / window_steps,
-                        "mfu": model_flops_utilization(flops_per_token, tokens_per_s, peak, ctx.world_size),
-                    }
-                    if moe_stats:
-                        record["moe"] = moe_stats
-                    logger.log(record)
-                    logger.progress(step, last_loss, tokens_per_s)
-                    window_start, window_steps = time.perf_counter(), 0
-
-                validation_due = train.val_every and (step % train.val_every == 0 or step == total_steps)
-                if validation_due and val_loader is not None and train.val_batches > 0:
-                    if stages > 1:
-                        per_source = pipeline_validation_loss(engine, val_loader, ctx.device)
-                        if per_source:
-                            last_val = mixture_loss(per_source, val_loader)
-                            record = {"step": step, "tokens": tokens_seen, "flops": tokens_seen * flops_per_token,
-                                      "val_loss": last_val}
-                            if len(per_source) > 1:
-                                record["val_loss_by_source"] = per_source
-                            logger.log(record)
-                            logger.message(f"step {step}: val_loss={last_val:.4f}")
-                    else:
-                        last_val = self._validate(
-                            engine, model, val_loader, ctx, logger, step, tokens_seen, tokens_seen * flops_per_token
-                        )
-                    window_start = time.perf_counter()
-                    window_steps = 0
-
-                stopped_by = self._agreed_stop(stop, ctx)
-                periodic = train.checkpoint_every and step % train.checkpoint_every == 0
-                if periodic or step == total_steps or stopped_by:
-                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader, layout)
-                    window_start = time.perf_counter()
-                    window_steps = 0
-                if stopped_by:
-                    logger.message(f"received {stopped_by}: checkpoint saved at step {step}, exiting")
+                guard.begin_step()
+                state.result = step_fn()
+                state.step += 1
+                state.tokens_seen += tokens_per_step
+                state.speed.tick()
+                state.last_loss = state.result.loss
+                for callback in callbacks:
+                    callback.on_step_end(state)
+                if state.stopped_by:
+                    logger.message(f"received {state.stopped_by}: checkpoint saved at step {state.step}, exiting")
                     break
         finally:
             stop.uninstall()
             logger.close()
         result = {
-            "step": step,
+            "step": state.step,
             "total_steps": total_steps,
-            "tokens": tokens_seen,
-            "flops": tokens_seen * flops_per_token,
-            "loss": last_loss,
-            "val_loss": last_val,
-            "stopped_by": stopped_by,
+            "tokens": state.tokens_seen,
+            "flops": state.flops,
+            "loss": state.last_loss,
+            "val_loss": state.last_val,
+            "stopped_by": state.stopped_by,
         }
         key = config_key(self.resolved_config)
-        # A re-launch of a finished run trains nothing; its marker (with the real final losses) stays as it was.
-        if ctx.is_main and step >= total_steps and not stopped_by and not is_finished_with(self.run_dir, key):
+        if ctx.is_main and state.step >= total_steps and not state.stopped_by and not is_finished_with(self.run_dir, key):
             write_json_atomic(self.run_dir / FINISHED_NAME, {**result, "config_key": key})
         return result
 
-    # ------------------------------------------------------------------------------------------------
-    def _resume_target(self, checkpoints: CheckpointManager) -> tuple[Optional[str], dict]:
-        """The tag to resume from (None: start fresh) and its marker, once the model config is known to match."""
+    # --- resume -------------------------------------------------------------------------------------------------
+    def _resume_point(self, checkpoints: CheckpointManager, ctx: DistributedContext) -> ResumePoint:
+        """The checkpoint to resume from, verified, once its model and run config are known to fit this launch.
+
+        ``train.resume=auto`` falls back past checkpoints whose files fail verification, naming each one; when
+        none passes the run stops rather than silently starting over."""
         mode = self.train_cfg.resume
         if mode == "never":
-            return None, {}
+            return ResumePoint(None, {})
         if mode == "auto":
-            latest = checkpoints.latest()
-            tag = latest[0] if latest is not None else None
+            if self.train_cfg.verify_checkpoints:
+                tag, rejected = checkpoints.newest_verified()
+            else:
+                latest, rejected = checkpoints.latest(), []
+                tag = latest[0] if latest else None
+            for problem in rejected:
+                self._warn_loudly(ctx, f"checkpoint rejected: {problem}" + (
+                    f"; falling back to {checkpoints.root_dir / tag}" if tag else ""))
+            if tag is None and rejected:
+                raise CheckpointError(
+                    f"no checkpoint in {checkpoints.root_dir} passes verification ({len(rejected)} rejected, see "
+                    f"above); nothing was changed. Restore the files, or start over with train.resume=never")
         else:
             tag = self._explicit_resume_tag(checkpoints, mode)
+            problem = checkpoints.verify(tag) if self.train_cfg.verify_checkpoints else None
+            if problem is not None:
+                raise CheckpointError(f"train.resume={mode!r}: {problem}")
         if tag is None:
-            return None, {}
+            return ResumePoint(None, {})
         marker = checkpoints.read_marker(tag) or {}
         saved_model_cfg = marker.get(MODEL_CONFIG_KEY)
         # Nested under "model" so the differing fields are named as on the command line (model.hidden_size).
@@ -389,8 +418,96 @@ class Trainer:
             config_fingerprint(self.model_cfg.to_dict()),
             current_model_config={"model": self.model_cfg.to_dict()},
         )
-        return tag, marker
+        saved_run_config = marker.get(RUN_CONFIG_KEY)
+        changes: list[str] = []
+        if isinstance(saved_run_config, dict):
+            changes = check_resume_config(saved_run_config, self.resolved_config, str(checkpoints.root_dir / tag))
+        else:
+            _log.warning("checkpoint %s records no run config (written by an older version): config changes on "
+                         "this resume cannot be listed", checkpoints.root_dir / tag)
+        return ResumePoint(tag, marker, tuple(changes))
 
+    def _finished_before_start(self, resume: ResumePoint, total_steps: int, ctx: DistributedContext
+                               ) -> Optional[dict]:
+        """A checkpoint at or past this launch's last step: nothing to train. At the last step the run is
+        already finished and nothing is touched; past it the launch is refused."""
+        step = int(resume.marker.get("step", 0))
+        if step > total_steps:
+            limit = (f"train.flops_budget={self.train_cfg.flops_budget:.4g} ({total_steps} steps)"
+                     if self.train_cfg.flops_budget else f"train.max_steps={total_steps}")
+            raise RunConfigError(
+                f"{limit}: the newest checkpoint {resume.tag} is already at step {step}, past the end of this run; "
+                f"raise it to continue training, or export/evaluate that checkpoint")
+        if step < total_steps:
+            return None
+        finished = finished_marker(self.run_dir)
+        if ctx.is_main:
+            print(f"run_dir={self.run_dir} resumed_from={resume.tag} step={step}: already at the last step, "
+                  "nothing to train", flush=True)
+            if finished is None:  # stopped between the final checkpoint and the marker
+                finished = {"step": step, "total_steps": total_steps, "loss": None, "val_loss": None,
+                            "stopped_by": None, "config_key": config_key(self.resolved_config)}
+                write_json_atomic(self.run_dir / FINISHED_NAME, finished)
+        return {**(finished or {}), "step": step, "total_steps": total_steps, "stopped_by": None}
+
+    def _restore(self, checkpoints, engine, resume: ResumePoint, layout: dict, train_loader) -> tuple[int, int]:
+        restore = None
+        changes = layout_changes(resume.marker, layout, checkpoints.root_dir / resume.tag)
+        if changes:  # saved under another layout: read it back by parameter name
+            _log.warning("checkpoint %s was saved under another parallel layout (%s): resuming it by parameter "
+                         "name", checkpoints.root_dir / resume.tag, "; ".join(changes))
+            restore = self._layout_change_restore(int(resume.marker.get("pipeline_stages") or 1),
+                                                  self.parallel_cfg.pipeline_stages)
+        client_state = checkpoints.load(engine, tag=resume.tag, restore=restore, verify=False)  # verified above
+        train_loader.load_state_dict(client_state["train_loader"])
+        rank_state = checkpoints.load_rank_state(resume.tag)
+        if rank_state is not None:  # absent when resuming on more ranks than saved
+            restore_rng_state(rank_state["rng"])
+        return int(client_state["step"]), int(client_state["tokens_seen"])
+
+    @staticmethod
+    def _apply_config_changes(resume: ResumePoint, optimizer, lr_scheduler, launched: list[dict]) -> list[str]:
+        """The optimizer settings DeepSpeed restored are replaced by the launch's. Returns the changed config
+        fields (``check_resume_config``), then each optimizer value that differed from the restored one."""
+        return [*resume.config_changes, *apply_optimizer_config(optimizer, lr_scheduler, launched)]
+
+    def _prepare_run_dir(self, checkpoints, resume: ResumePoint, state: TrainState, accounting: dict, model,
+                         precision: str) -> None:
+        """Rank 0: the run directory's records for this launch (summary, resolved config, markers). A fresh start
+        keeps an earlier run's metrics and checkpoints, moved aside."""
+        train, step, total_steps = self.train_cfg, state.step, state.total_steps
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume.tag is not None:
+            _supersede_metrics_after(metrics_path, step)
+        else:
+            moved = checkpoints.supersede_all()
+            if moved:
+                print(f"fresh start (train.resume={train.resume}): earlier checkpoints moved to "
+                      f"{moved[0].parent}", flush=True)
+            if metrics_path.exists():
+                kept = metrics_path.with_name(f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+                metrics_path.replace(kept)
+                print(f"fresh start: the earlier metrics.jsonl is kept as {kept.name}", flush=True)
+        summary = {**accounting, "tokens_per_step": state.tokens_per_step, "total_steps": total_steps,
+                   "flops_budget": train.flops_budget}
+        if self.parallel_cfg.pipeline_stages > 1:
+            summary["pipeline"] = pipeline_traffic(
+                model, self.parallel_cfg, self.data_cfg.seq_len, train.micro_batch_size, precision
+            )
+        write_json_atomic(self.run_dir / "model_summary.json", summary)
+        _write_resolved_config(self.run_dir / RESOLVED_CONFIG_NAME, self.resolved_config)
+        clear_marker(self.run_dir, FAILED_NAME)
+        if step < total_steps:  # a finished run being extended is unfinished again until it ends
+            clear_marker(self.run_dir, FINISHED_NAME)
+
+    @staticmethod
+    def _warn_loudly(ctx: DistributedContext, message: str) -> None:
+        _log.warning(message)
+        if ctx.is_main:
+            print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+    # --- checkpoint and layout helpers ------------------------------------------------------------------
     def _layout(self, precision: str, dp_world: int, trained_module) -> dict:
         """This run's parallel layout, in the terms checkpoints record (``reshard.layout_changes``)."""
         stages = self.parallel_cfg.pipeline_stages
@@ -434,6 +551,7 @@ class Trainer:
             OPTIMIZER_NAMES_KEY: [[to_model_name(name) for name in group]
                                   for group in param_group_names(engine.module, self.optim_cfg)],
             **model_config_state(self.model_cfg.to_dict()),
+            RUN_CONFIG_KEY: self.resolved_config,
         }
         checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()})
 
@@ -445,62 +563,6 @@ class Trainer:
         if flag.item() > 0:
             return stop.signal_name or "SIGTERM"
         return None
-
-    @staticmethod
-    @torch.no_grad()
-    def _update_moe_balance(layers: list, ctx: DistributedContext, dp_group=None) -> dict:
-        """Once per optimizer step: every rank updates the expert biases of its MoE layers from the load seen by
-        all data-parallel replicas of those layers (``dp_group``: the replicas of this pipeline stage)."""
-        if not layers:
-            return {}
-        violations = []
-        for moe in layers:
-            counts = moe.tokens_per_expert.detach().clone().to(ctx.device)
-            if dp_group is not None:
-                torch.distributed.all_reduce(counts, group=dp_group)
-            else:
-                ctx.all_reduce_sum_(counts)
-            stats = moe.update_expert_bias(counts)
-            violations.append(float(stats.get("max_violation", float("nan"))))
-        finite = [v for v in violations if math.isfinite(v)]
-        return {
-            "max_violation_mean": sum(finite) / len(finite) if finite else None,
-            "max_violation_per_layer": violations,
-        }
-
-    def _validate(self, engine, model, val_loader, ctx, logger, step, tokens_seen, flops) -> Optional[float]:
-        engine.eval()
-        names = validation_source_names(val_loader)
-        totals = torch.zeros(len(names), 2, dtype=torch.float64, device=ctx.device)  # [source, (loss sum, tokens)]
-        diagnostics = None
-        with torch.no_grad():
-            for i, (name, batch) in enumerate(batches_by_source(val_loader)):
-                batch = {k: v.to(ctx.device) for k, v in batch.items()}
-                want_diag = i == 0
-                out = engine(batch["input_ids"], doc_ids=batch["doc_ids"], return_diagnostics=want_diag)
-                n_tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-                totals[names.index(name), 0] += language_model_loss(out.logits, batch["labels"]).double() * n_tokens
-                totals[names.index(name), 1] += n_tokens
-                if want_diag:
-                    diagnostics = out
-        engine.train()
-        ctx.all_reduce_sum_(totals)
-        per_source = {name: float(totals[k, 0] / totals[k, 1]) for k, name in enumerate(names) if totals[k, 1] > 0}
-        if not per_source:
-            return None
-        val_loss = mixture_loss(per_source, val_loader)
-        record = {"step": step, "tokens": tokens_seen, "flops": flops, "val_loss": val_loss}
-        if len(per_source) > 1:
-            record["val_loss_by_source"] = per_source
-        if diagnostics is not None:
-            record["sublayer_input_rms"] = diagnostics.sublayer_input_rms.tolist()
-            if diagnostics.depth_weights:
-                weights = [w.tolist() for w in diagnostics.depth_weights]
-                record["attnres_depth_weights"] = weights
-                record["attnres_embedding_weight_mean"] = sum(w[0] for w in weights) / len(weights)
-        logger.log(record)
-        logger.message(f"step {step}: val_loss={val_loss:.4f}")
-        return val_loss
 
 
 def target_steps(train: TrainConfig, train_flops_per_token: float, tokens_per_step: int) -> int:
@@ -518,9 +580,11 @@ def target_steps(train: TrainConfig, train_flops_per_token: float, tokens_per_st
 def _write_resolved_config(path: Path, resolved_config: dict) -> None:
     from omegaconf import OmegaConf
 
-    tmp = path.with_name(path.name + ".tmp")
-    OmegaConf.save(OmegaConf.create(resolved_config), tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(resolved_config)))
+
+
+def _finite_or_none(value: Optional[float]) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _grad_norm(engine) -> Optional[float]:
@@ -560,6 +624,4 @@ def _supersede_metrics_after(path: Path, step: int) -> None:
         return
     with open(path.with_name("metrics.superseded.jsonl"), "a", encoding="utf-8") as f:
         f.write("\n".join(superseded) + "\n")
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
