@@ -102,18 +102,20 @@ def _phase1_forward(src_table, rstd_ptr, q_ptr, logits_ptr, lse_ptr, o_ptr, N, S
 
 @triton.jit
 def _phase1_backward(src_table, do_table, dv_ptr, rstd_ptr, q_ptr, logits_ptr, lse_ptr, dlse_ptr, dlogits_ptr,
-                     drstd_ptr, dq_rows_ptr, N, S, T, D, num_tiles, HAS_DLSE: tl.constexpr,
+                     drstd_ptr, dq_rows_ptr, N, S, T, D, tiles_per_program, HAS_DLSE: tl.constexpr,
                      S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     dtype = dv_ptr.dtype.element_ty
     pid = tl.program_id(0)
     offs_s = tl.arange(0, S_PAD)
     mask_s = offs_s < S
-    # one address per query's output gradient; 0 where that output got none
-    do_address = tl.load(do_table + offs_s, mask=mask_s, other=0)
-    has_do = do_address != 0
-    do_base = do_address.to(tl.pointer_type(dtype))
     dq_row = dq_rows_ptr + pid.to(tl.int64) * S * D  # this program's fp32 dQ partial [S, D]
-    for tile in range(pid, num_tiles, tl.num_programs(0)):
+    for k in range(tiles_per_program):  # a contiguous run of tiles; the last program's may pass T (masked)
+        tile = pid * tiles_per_program + k
+        # one address per query's output gradient; 0 where that output got none (loaded per tile: cheaper than
+        # keeping the 64-bit addresses live across the tile loop)
+        do_address = tl.load(do_table + offs_s, mask=mask_s, other=0)
+        has_do = do_address != 0
+        do_base = do_address.to(tl.pointer_type(dtype))
         offs_t = tile * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # tile * BLOCK_T < T fits int32
         mask_t = offs_t < T
         mask_st = mask_s[:, None] & mask_t[None, :]
@@ -171,10 +173,10 @@ def _phase1_backward(src_table, do_table, dv_ptr, rstd_ptr, q_ptr, logits_ptr, l
                 prob = tl.where(mask_st, tl.exp(logit - lse), 0.0)
                 dlogit = tl.load(dlogits_ptr + i * S * T + st_offsets, mask=mask_st, other=0.0)
                 rstd = tl.load(rstd_ptr + i * T + offs_t, mask=mask_t, other=0.0).to(tl.float32)
-                dv = tl.sum(prob[:, :, None] * do, axis=0) + rstd[:, None] * tl.sum(dlogit[:, :, None] * q[:, None, :],
-                                                                                     axis=0)
+                scaled = dlogit * rstd[None, :]  # d loss / d (v . q) per query and token
+                dv = tl.sum(prob[:, :, None] * do + scaled[:, :, None] * q[:, None, :], axis=0)
                 tl.store(dv_ptr + i * T * D + offs_t[:, None] * D + offs_d[None, :], dv.to(dtype), mask=mask_td)
-                dq += tl.sum((dlogit * rstd[None, :])[:, :, None] * v[None, :, :], axis=1)
+                dq += tl.sum(scaled[:, :, None] * v[None, :, :], axis=1)
             dq_offsets = offs_s[:, None] * D + offs_d[None, :]
             dq_mask = mask_s[:, None] & mask_d[None, :]
             # only this program touches its row, and every tile uses the same layout: no atomics, no barrier
@@ -182,11 +184,17 @@ def _phase1_backward(src_table, do_table, dv_ptr, rstd_ptr, q_ptr, logits_ptr, l
         tl.debug_barrier()  # the next tile overwrites the dlogits scratch rows of its own tokens only
 
 
-def _phase1_blocks(S: int, D: int) -> tuple[int, int, int]:
+def _phase1_blocks(S: int, D: int, tile_floats: int) -> tuple[int, int, int]:
+    """``(S_PAD, BLOCK_T, BLOCK_D)`` with the [S, T, D] register tiles at about ``tile_floats`` fp32 (the backward
+    keeps more such tiles live than the forward: the sm_90 compile tests hold both free of spills)."""
     s_pad = max(2, triton.next_power_of_2(S))
     block_d = min(64, triton.next_power_of_2(D))
-    block_t = max(1, min(16, 2048 // (s_pad * block_d)))  # the [S, T, D] register tiles stay at ~2K floats
+    block_t = max(1, min(16, tile_floats // (s_pad * block_d)))
     return s_pad, block_t, block_d
+
+
+_FORWARD_TILE_FLOATS = 2048
+_BACKWARD_TILE_FLOATS = 1024
 
 
 def _backward_programs(num_tiles: int, device: torch.device) -> int:
@@ -214,7 +222,7 @@ class _Phase1(torch.autograd.Function):
         logits_NST = torch.empty(N, S, T, device=device, dtype=torch.float32)
         lse_ST = torch.empty(S, T, device=device, dtype=torch.float32)
         o_STD = torch.empty(S, T, D, device=device, dtype=dtype)
-        s_pad, block_t, block_d = _phase1_blocks(S, D)
+        s_pad, block_t, block_d = _phase1_blocks(S, D, _FORWARD_TILE_FLOATS)
         _launch(_phase1_forward, (triton.cdiv(T, block_t),), _address_table(sources_TD, device), rstd_NT,
                 queries_SD, logits_NST, lse_ST, o_STD, N, S, T, D, S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
         ctx.save_for_backward(rstd_NT, queries_SD, logits_NST, lse_ST, *sources_TD)
@@ -233,13 +241,14 @@ class _Phase1(torch.autograd.Function):
         dv_NTD = torch.empty(N, T, D, device=device, dtype=dtype)
         dlogits_NST = torch.empty_like(logits_NST)
         drstd_NT = torch.empty(N, T, device=device, dtype=torch.float32)
-        s_pad, block_t, block_d = _phase1_blocks(S, D)
+        s_pad, block_t, block_d = _phase1_blocks(S, D, _BACKWARD_TILE_FLOATS)
         num_tiles = triton.cdiv(T, block_t)
-        programs = _backward_programs(num_tiles, device)
+        tiles_per_program = triton.cdiv(num_tiles, _backward_programs(num_tiles, device))
+        programs = triton.cdiv(num_tiles, tiles_per_program)
         dq_rows = torch.zeros(programs, S, D, device=device, dtype=torch.float32)
         _launch(_phase1_backward, (programs,), _address_table(sources_TD, device), _address_table(do_TD, device),
                 dv_NTD, rstd_NT, queries_SD, logits_NST, lse_ST, lse_ST if dlse_ST is None else dlse_ST,
-                dlogits_NST, drstd_NT, dq_rows, N, S, T, D, num_tiles, HAS_DLSE=dlse_ST is not None,
+                dlogits_NST, drstd_NT, dq_rows, N, S, T, D, tiles_per_program, HAS_DLSE=dlse_ST is not None,
                 S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
         dq_SD = dq_rows.sum(0).to(queries_SD.dtype)
         return (drstd_NT.to(rstd_NT.dtype), dq_SD, *dv_NTD.unbind(0))
@@ -337,11 +346,12 @@ def _phase2_backward(dy_ptr, o_ptr, lse_ptr, p_ptr, q_ptr, w_ptr, plogit_ptr, pr
 _PHASE2_ROWS = 32  # rows per program: the weight/query gradient partials stay T / 32 x D
 
 
-def _phase2_warps(block_d: int) -> int:
-    # One row of D per program, held in registers: 8 fp32 per thread per live row vector keeps the backward's
-    # ~10 live vectors under ~100 registers, so more than one program fits an SM (checked by the sm_90 compile
-    # tests through ptxas).
-    return max(4, min(32, block_d // 256))
+def _phase2_warps(block_d: int, backward: bool) -> int:
+    # One row of D per program, held in registers. The backward keeps ~10 row vectors live: at 4 fp32 per thread
+    # per vector it stays under ~64 registers, so an SM holds 32 of its warps (at D = 4096: 202 registers and 8
+    # warps with 8 warps per program); the forward needs half the threads for the same. Checked by the sm_90
+    # compile tests through ptxas.
+    return max(4, min(32, block_d // (128 if backward else 256)))
 
 
 class _Phase2(torch.autograd.Function):
@@ -359,7 +369,7 @@ class _Phase2(torch.autograd.Function):
         block_d = triton.next_power_of_2(D)
         _launch(_phase2_forward, (triton.cdiv(T, _PHASE2_ROWS),), o_TD, lse_T, partial_TD, query_D, weight_D, y_TD,
                 stats_3T[0], stats_3T[1], stats_3T[2], T, D, eps, norm_eps, HAS_PARTIAL=has_partial,
-                HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=block_d, num_warps=_phase2_warps(block_d))
+                HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=block_d, num_warps=_phase2_warps(block_d, backward=False))
         ctx.save_for_backward(o_TD, lse_T, partial_TD, query_D, weight_D, stats_3T)
         ctx.flags = (has_partial, has_norm)
         return y_TD
@@ -379,7 +389,7 @@ class _Phase2(torch.autograd.Function):
         _launch(_phase2_backward, (programs,), dy_TD.contiguous(), o_TD, lse_T, partial_TD, query_D, weight_D,
                 stats_3T[0], stats_3T[1], stats_3T[2], do_TD, dlse_T, dp_TD, dq_parts, dw_parts, T, D,
                 HAS_PARTIAL=has_partial, HAS_NORM=has_norm, ROWS=_PHASE2_ROWS, BLOCK_D=block_d,
-                num_warps=_phase2_warps(block_d))
+                num_warps=_phase2_warps(block_d, backward=True))
         dw = dw_parts.sum(0).to(weight_D.dtype) if has_norm else None
         if not has_partial:
             return do_TD, None, None, None, dw, None, None
