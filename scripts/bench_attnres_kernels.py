@@ -9,11 +9,17 @@ sum), the way training runs it. Implementations:
   torch   the model's torch mix, one per sublayer
   two_phase_torch   the same two phases in torch (attnres_kernels.reference): the CPU stand-in for ``fused``
 
-Prints a table and writes JSON (device, versions, shapes, milliseconds, speed-ups, agreement) under
+Beside the times it prints a traffic model (:func:`traffic_model`): HBM bytes one block moves forward + backward
+under each design, as a multiple of X = T * D * element bytes and of the compulsory floor, and the kernel launches.
+It is arithmetic from the kernels' structure, not a measurement; ``--model-only`` prints and saves just that (no
+GPU needed).
+
+Writes JSON (device, versions, shapes, milliseconds, speed-ups, agreement, model figures) under
 benchmarks/results/. Needs a CUDA GPU for ``fused`` and ``fla``; ``--dry-run`` runs small shapes on CPU with the
 torch implementations only, to check the script itself.
 
     python scripts/bench_attnres_kernels.py                      # 16K tokens, D = 2048 and 4096, N = 8, S = 6
+    python scripts/bench_attnres_kernels.py --model-only         # the traffic model alone, any machine
     python scripts/bench_attnres_kernels.py --dry-run --out /tmp/attnres_dry.json
 """
 
@@ -46,6 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dry-run", action="store_true", help="small shapes on CPU, torch implementations only")
+    p.add_argument("--model-only", action="store_true", help="print and save the traffic model only (no timing)")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
 
@@ -88,13 +95,13 @@ def block_two_phase(phase1, phase2):
     def run(x: BlockInputs, eps=1e-6):
         rstd = torch.stack([source_rstd(v, eps) for v in x.sources])
         queries = torch.stack([w * q for w, q in zip(x.key_weights, x.queries)])
-        o, lse = phase1(torch.stack(x.sources), rstd, queries)
+        o, lse = phase1(x.sources, rstd, queries)
         outputs = []
         for j, partial in enumerate(x.partials):
             if partial is None:
                 outputs.append(o[j])
             else:
-                outputs.append(phase2(o[j], lse[j], partial, source_rstd(partial, eps), queries[j]))
+                outputs.append(phase2(o[j], lse[j], partial, queries[j], None, eps))
         return outputs
     return run
 
@@ -107,6 +114,72 @@ def block_fla(x: BlockInputs, eps=1e-6):
         residuals = list(x.sources) + ([partial] if partial is not None else [])
         outputs.append(fused_attnres(x.queries[j], residuals, x.key_weights[j], rms_eps=eps))
     return outputs
+
+
+def traffic_model(N: int, S: int, T: int, D: int, element_bytes: int = 2, with_norm: bool = True) -> dict:
+    """HBM traffic of one block's mixes, forward + backward, by design (bytes, and multiples of X = T*D*elem).
+
+    A block: S sublayers over N completed sources; sublayers 1..S-1 also mix their partial sum; each mix is
+    followed by an RMSNorm that a fused design folds in (``with_norm``). Counted in X: reads and writes of [T, D]
+    tensors. Per-token fp32 statistics (no D) are added in bytes. Sources read twice by one program within a
+    token tile count once (the second read is served by L2: a tile is a few hundred KB per program).
+
+    floor   what any implementation must move: read each source and partial sum once and write each output
+            (forward); read each source, output gradient and partial sum once, write each source and partial-sum
+            gradient (backward)
+    fused   attnres_kernels.block_attnres: phase 1 writes S outputs that phase 2 reads in the forward and again
+            in the backward (its merge gradient needs them); phase-2 backward writes each sublayer's output
+            gradient, which the phase-1 backward reads
+    fla     fla's fused_attnres, one call per sublayer: each call reads every source (and backward reads them
+            again and writes their gradients, which autograd then sums across the S calls)
+    """
+    X = T * D * element_bytes
+    token_stat = T * 4  # one fp32 per token
+    partials = S - 1
+    floor_fwd = N + partials + S
+    floor_bwd = 2 * N + S + 2 * partials
+    # fused: phase 1 fwd reads N and writes S outputs; phase 2 of sublayer 0 reads o, writes y (only when a norm
+    # is folded; otherwise o_0 is the output), of sublayers 1.. reads o, p and writes y
+    fused_fwd = N + S + (2 if with_norm else 0) + 3 * partials
+    # phase 2 bwd: sublayer 0 reads dy, o, writes do (norm only); sublayers 1.. read dy, o, p, write do, dp;
+    # phase 1 bwd reads N sources and S output gradients, writes N source gradients
+    fused_bwd = (3 if with_norm else 0) + 5 * partials + 2 * N + S
+    fused_stats = (2 * N * S + 3 * S + N) * token_stat  # logits, dlogits scratch, lse, dlse, stats, drstd
+    # fla per sublayer j: forward reads N (+1 partial) writes y; backward reads N (+1), dy, writes N (+1) gradients,
+    # and autograd sums the S per-call source gradients (S - 1 adds of 2 reads + 1 write per source)
+    fla_fwd = S * (N + 1) - 1
+    fla_bwd = sum(2 * (N + (j > 0)) + 1 for j in range(S)) + N * 3 * (S - 1)
+    designs = {
+        "floor": {"fwd_X": floor_fwd, "bwd_X": floor_bwd, "extra_bytes": 0,
+                  "launches_fwd": 1, "launches_bwd": 1},
+        "fused": {"fwd_X": fused_fwd, "bwd_X": fused_bwd, "extra_bytes": fused_stats,
+                  # fwd: stack queries, stack rstd, phase 1, S x phase 2; bwd: phase 1 (+ zero and sum of its
+                  # dQ rows), S x phase 2 (+ sums of its dQ and norm-weight partials)
+                  "launches_fwd": 3 + S, "launches_bwd": 3 + S + partials + (S if with_norm else 0)},
+        "fla": {"fwd_X": fla_fwd, "bwd_X": fla_bwd, "extra_bytes": 0,
+                "launches_fwd": S, "launches_bwd": S + N * (S - 1)},
+    }
+    floor_total = floor_fwd + floor_bwd
+    for name, d in designs.items():
+        d["total_X"] = d["fwd_X"] + d["bwd_X"] + d["extra_bytes"] / X
+        d["bytes"] = int(round(d["total_X"] * X))
+        d["vs_floor"] = d["total_X"] / floor_total
+        d["launches"] = d["launches_fwd"] + d["launches_bwd"]
+    return {"kind": "model (arithmetic from the kernels' structure, not a measurement)",
+            "N": N, "S": S, "T": T, "D": D, "element_bytes": element_bytes, "with_norm": with_norm,
+            "X_bytes": X, "designs": designs}
+
+
+def print_traffic(model: dict, measured_ms: dict | None = None) -> None:
+    print(f"traffic model N={model['N']} S={model['S']} T={model['T']} D={model['D']} "
+          f"(X = {model['X_bytes'] / 1e6:.0f} MB; model, not measured):")
+    for name, d in model["designs"].items():
+        line = (f"  {name:6s} fwd {d['fwd_X']:5.1f}X  bwd {d['bwd_X']:5.1f}X  total {d['total_X']:6.1f}X "
+                f"= {d['vs_floor']:.2f}x floor, {d['launches']} launches, "
+                f"{1000 * d['bytes'] / 3.35e12:.2f} ms at 3.35 TB/s")
+        if measured_ms and name in measured_ms:
+            line += f"  | measured {measured_ms[name]:.3f} ms"
+        print(line)
 
 
 def implementations(names):
@@ -130,6 +203,16 @@ def time_block(fn, x: BlockInputs, device, repeats, warmup):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    element_bytes = 2 if args.dtype == "bf16" else 4
+    if args.model_only:
+        models = [traffic_model(args.sources, args.block_size, args.tokens, hidden, element_bytes)
+                  for hidden in args.hidden]
+        for model in models:
+            print_traffic(model)
+        report = {"benchmark": "bench_attnres_kernels", "model_only": True, "config": vars(args),
+                  "traffic_model": models}
+        write_report(report, args.out, "bench_attnres_kernels_traffic_model.json")
+        return report
     device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
     if args.dry_run:
         args.tokens, args.hidden, args.repeats, args.warmup = 64, [32, 48], 2, 1
@@ -165,6 +248,8 @@ def main(argv=None) -> dict:
         results.append(row)
         print(f"T={args.tokens} D={hidden} N={args.sources} S={args.block_size} {args.dtype}: " + "  ".join(
             f"{name} {row[name]['ms_median']:.3f} ms" for name in impls))
+        row["traffic_model"] = traffic_model(args.sources, args.block_size, args.tokens, hidden, element_bytes)
+        print_traffic(row["traffic_model"], {name: row[name]["ms_median"] for name in impls})
         if "fused_speedup_vs_fla" in row:
             print(f"  fused vs fla: {row['fused_speedup_vs_fla']:.2f}x (target >= 1.5x)")
 

@@ -357,27 +357,26 @@ class BlockMixer:
         if self.sublayer not in self.results:
             group = self._phase1_group(query)
             queries_SD = torch.stack([member.effective_query(self.compute_dtype) for _, member in group])
-            # Stacked here, inside the calling query's forward, like every other input of the mix.
+            # The sources go in as they are (views, no stack of [N, T, D]); only the per-token rstd ([N, T]) and
+            # the queries are stacked, here inside the calling query's forward like every other input of the mix.
             count, dim = len(self.sources), self.shape[-1]
-            sources_NTD = torch.stack(self.sources).reshape(count, -1, dim)
+            sources_TD = [source.reshape(-1, dim) for source in self.sources]
             rstd_NT = torch.stack(self.sources_rstd).reshape(count, -1)
-            o_STD, lse_ST = self.phase1(sources_NTD, rstd_NT, queries_SD)
+            outputs_TD, lse_ST = self.phase1(sources_TD, rstd_NT, queries_SD)
             for position, (index, member) in enumerate(group):
-                self.results[index] = (member, o_STD[position], lse_ST[position])
+                self.results[index] = (member, outputs_TD[position], lse_ST[position])
         scored_for, o_TD, lse_T = self.results.pop(self.sublayer)
         if scored_for is not query:
             raise RuntimeError(
                 f"AttnRes sublayer {self.sublayer}: phase 1 scored another module's query than the one mixing now "
                 "(register_queries was given a different model's or stage's queries)")
-        norm_args = (norm.weight, norm.eps) if norm is not None else (None, 1e-6)
         if self.partial is None and norm is None:
             return o_TD.reshape(self.shape)
-        partial_TD = partial_rstd_T = None
-        if self.partial is not None:
-            partial_TD = self.partial.reshape(-1, self.shape[-1])
-            partial_rstd_T = source_rstd(partial_TD, self.strategy.eps)
-        h_TD = self.phase2(o_TD, lse_T, partial_TD, partial_rstd_T, query.effective_query(self.compute_dtype),
-                           *norm_args)
+        partial_TD = None if self.partial is None else self.partial.reshape(-1, self.shape[-1])
+        # phase 2 computes the partial sum's rstd itself (with the key norm's eps)
+        h_TD = self.phase2(o_TD, lse_T, partial_TD, query.effective_query(self.compute_dtype),
+                           None if norm is None else norm.weight, self.strategy.eps,
+                           1e-6 if norm is None else norm.eps)
         return h_TD.reshape(self.shape)
 
 

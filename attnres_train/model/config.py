@@ -47,7 +47,9 @@ class ModelConfig:
     linear_expand_v: float = 1.0
     linear_conv_size: int = 4
     linear_allow_neg_eigval: bool = False
-    linear_chunk_size: int = 64  # chunk length of the pure-torch chunked delta rule
+    # chunk length of the pure-torch chunked delta rule (linear_attention_impl=torch); fla's chunk kernels
+    # (impl fla) use their own fixed chunk size and ignore this field
+    linear_chunk_size: int = 64
     linear_attention_impl: str = "auto"  # auto (fla on CUDA, torch elsewhere) | torch | fla
 
     # --- MLA (Kimi Linear) ---------------------------------------------------------------------------

@@ -5,7 +5,9 @@ attention may not look across a boundary, recurrent state and short-conv windows
 document. ``DocumentLayout`` is computed once per batch from per-token document ids and handed to every
 mixer, so each can choose the cheapest exact form:
 
-* ``cu_seqlens`` / ``max_seqlen`` over the flattened ``B*T`` tokens, for varlen kernels (flash-attn, fla);
+* ``cu_seqlens`` / ``max_seqlen`` over the flattened ``B*T`` tokens, for varlen kernels (flash-attn, fla), and
+  ``cu_seqlens_cpu``, the same offsets on the host: fla's chunk kernels take it to plan their chunks without
+  reading the device tensor back (one device sync per call otherwise);
 * ``to_padded`` / ``from_padded``, which gather the documents into a ``[N_docs, L_max, ...]`` batch padded
   at the end. Trailing padding never influences earlier positions of a causal mixer, so a mixer run on
   the padded batch with no mask at all is exact for every real token;
@@ -26,6 +28,7 @@ class DocumentLayout:
     doc_ids_BT: torch.Tensor
     position_ids_BT: torch.Tensor
     cu_seqlens: torch.Tensor  # int32 [N + 1], offsets into the flattened B*T tokens
+    cu_seqlens_cpu: torch.Tensor  # the same on the host (read back once per batch, here)
     max_seqlen: int
     # Gather/scatter indices between the flattened tokens and the padded [N, L] document batch.
     token_index_NL: torch.Tensor  # int64 [N, L]: flat token index, or B*T (a pad slot) where beyond the doc
@@ -53,8 +56,9 @@ class DocumentLayout:
         start_index = torch.nonzero(starts_flat, as_tuple=False).squeeze(1)
         total = B * T
         cu_seqlens = torch.cat([start_index, torch.tensor([total], device=device)]).to(torch.int32)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        max_seqlen = int(lengths.max().item())
+        cu_seqlens_cpu = cu_seqlens.cpu()  # the one read-back per batch: max_seqlen and fla's chunk planning
+        lengths = (cu_seqlens_cpu[1:] - cu_seqlens_cpu[:-1]).long()
+        max_seqlen = int(lengths.max())
         N = lengths.numel()
 
         # Document index of each flat token and its offset inside the document.
@@ -71,6 +75,7 @@ class DocumentLayout:
             doc_ids_BT=doc_ids_BT,
             position_ids_BT=position_ids_BT,
             cu_seqlens=cu_seqlens,
+            cu_seqlens_cpu=cu_seqlens_cpu,
             max_seqlen=max_seqlen,
             token_index_NL=token_index_NL,
             valid_NL=valid_NL,

@@ -10,12 +10,16 @@ The pseudo-queries do not depend on the input, so all sublayers of a block can s
 together (phase 1), keeping per token only their output and log-sum-exp; each sublayer then folds its own partial
 sum in with an online-softmax merge (phase 2), optionally followed by the RMSNorm that comes next.
 
+The completed sources arrive as a list (the model keeps them as separate tensors; nothing is stacked per block)
+and phase 1 returns one output per query, so each sublayer owns its own tensor. Phase 2 computes the partial
+sum's rstd itself: the partial sum is new at every sublayer, and its rstd is needed nowhere else.
+
 Shapes: N completed sources, S queries, T tokens (batch and sequence flattened), D hidden.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,38 +30,46 @@ def _compute(x: torch.Tensor) -> torch.Tensor:
 
 
 def phase1_reference(
-    sources_NTD: torch.Tensor, rstd_NT: torch.Tensor, queries_SD: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    sources_TD: Sequence[torch.Tensor], rstd_NT: torch.Tensor, queries_SD: torch.Tensor
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Scores every source against every query at once.
 
-    Returns ``o_STD`` (each query's softmax mix over the sources, in the sources' dtype) and ``lse_ST`` (fp32
-    log-sum-exp of each query's logits), all that phase 2 needs.
+    Returns the S outputs ``o_TD`` (each query's softmax mix over the sources, in the sources' dtype) and
+    ``lse_ST`` (fp32 log-sum-exp of each query's logits), all that phase 2 needs.
     """
-    values = _compute(sources_NTD)
-    logits_SNT = torch.einsum("ntd,sd->snt", values, queries_SD.to(values.dtype)) * rstd_NT.to(values.dtype)[None]
+    values_NTD = _compute(torch.stack(list(sources_TD)))
+    logits_SNT = torch.einsum("ntd,sd->snt", values_NTD, queries_SD.to(values_NTD.dtype))
+    logits_SNT = logits_SNT * rstd_NT.to(values_NTD.dtype)[None]
     lse_ST = torch.logsumexp(logits_SNT, dim=1)
     weights_SNT = torch.exp(logits_SNT - lse_ST[:, None])
-    o_STD = torch.einsum("snt,ntd->std", weights_SNT, values)
-    return o_STD.to(sources_NTD.dtype), lse_ST
+    o_STD = torch.einsum("snt,ntd->std", weights_SNT, values_NTD).to(sources_TD[0].dtype)
+    return list(o_STD.unbind(0)), lse_ST
+
+
+def source_rstd_reference(v_TD: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-token 1/RMS of a source, in at least fp32 (the rstd the key RMSNorm applies)."""
+    vc = _compute(v_TD)
+    return torch.rsqrt(vc.pow(2).mean(-1) + eps)
 
 
 def phase2_reference(
     o_TD: torch.Tensor,
     lse_T: torch.Tensor,
     partial_TD: Optional[torch.Tensor],
-    partial_rstd_T: Optional[torch.Tensor],
     query_D: torch.Tensor,
     norm_weight_D: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
     norm_eps: float = 1e-6,
 ) -> torch.Tensor:
     """Merges one query's phase-1 result with its partial-sum source; applies ``RMSNorm(norm_weight)`` if given.
 
-    Without a partial sum (the first sublayer of a block) the phase-1 output is the mix already.
+    ``eps`` is the key RMSNorm's (it sets the partial sum's rstd), ``norm_eps`` the following RMSNorm's. Without a
+    partial sum (the first sublayer of a block) the phase-1 output is the mix already.
     """
     h_TD = _compute(o_TD)
     if partial_TD is not None:
         partial = partial_TD.to(h_TD.dtype)
-        logit_T = partial_rstd_T.to(h_TD.dtype) * (partial @ query_D.to(h_TD.dtype))
+        logit_T = source_rstd_reference(partial, eps) * (partial @ query_D.to(h_TD.dtype))
         lse_T = lse_T.to(h_TD.dtype)
         total_T = torch.logaddexp(lse_T, logit_T)
         h_TD = torch.exp(lse_T - total_T)[:, None] * h_TD + torch.exp(logit_T - total_T)[:, None] * partial

@@ -62,15 +62,15 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
     model = _model(residual="block_attnres", attnres_block_size=4)
     calls = []
 
-    def counting_phase1(sources_NTD, rstd_NT, queries_SD):
-        calls.append((sources_NTD.shape[0], queries_SD.shape[0]))
-        return phase1_reference(sources_NTD, rstd_NT, queries_SD)
+    def counting_phase1(sources_TD, rstd_NT, queries_SD):
+        calls.append((len(sources_TD), queries_SD.shape[0]))
+        return phase1_reference(sources_TD, rstd_NT, queries_SD)
 
     merges = []
 
-    def recording_phase2(o, lse, partial, partial_rstd, query, norm_weight=None, norm_eps=1e-6):
+    def recording_phase2(o, lse, partial, query, norm_weight=None, eps=1e-6, norm_eps=1e-6):
         merges.append((partial is not None, norm_weight is not None))
-        return phase2_reference(o, lse, partial, partial_rstd, query, norm_weight, norm_eps)
+        return phase2_reference(o, lse, partial, query, norm_weight, eps, norm_eps)
 
     monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, recording_phase2))
     _run(model, "fused")
@@ -132,18 +132,18 @@ def test_two_phases_equal_one_softmax_over_all_sources():
     queries = torch.randn(S, D, generator=generator, dtype=torch.float64)
     partial = torch.randn(T, D, generator=generator, dtype=torch.float64)
     partial_rstd = torch.rsqrt(partial.pow(2).mean(-1) + 1e-6)
-    o, lse = phase1_reference(sources, rstd, queries)
+    o, lse = phase1_reference(list(sources), rstd, queries)
     weight = 1 + 0.1 * torch.randn(D, generator=generator, dtype=torch.float64)
     for s in range(S):
         direct, _ = attnres.attnres_mix(torch.cat([sources, partial[None]]).unsqueeze(1),
                                         torch.cat([rstd, partial_rstd[None]]).unsqueeze(1), queries[s])
-        merged = phase2_reference(o[s], lse[s], partial, partial_rstd, queries[s])
+        merged = phase2_reference(o[s], lse[s], partial, queries[s], eps=1e-6)
         torch.testing.assert_close(merged, direct[0], rtol=1e-12, atol=1e-12)
-        normed = phase2_reference(o[s], lse[s], partial, partial_rstd, queries[s], weight, 1e-6)
+        normed = phase2_reference(o[s], lse[s], partial, queries[s], weight, 1e-6, 1e-6)
         expected = direct[0] * torch.rsqrt(direct[0].pow(2).mean(-1, keepdim=True) + 1e-6) * weight
         torch.testing.assert_close(normed, expected, rtol=1e-12, atol=1e-12)
         alone, _ = attnres.attnres_mix(sources.unsqueeze(1), rstd.unsqueeze(1), queries[s])
-        torch.testing.assert_close(phase2_reference(o[s], lse[s], None, None, queries[s]), alone[0])
+        torch.testing.assert_close(phase2_reference(o[s], lse[s], None, queries[s]), alone[0])
 
 
 def test_impl_choice_is_validated_and_fla_needs_cuda():
@@ -196,9 +196,9 @@ def test_pipeline_layers_that_end_their_stream_batch_only_their_own_queries(monk
     model = _model(residual="block_attnres", attnres_block_size=4)
     calls = []
 
-    def counting_phase1(sources_NTD, rstd_NT, queries_SD):
-        calls.append((sources_NTD.shape[0], queries_SD.shape[0]))
-        return phase1_reference(sources_NTD, rstd_NT, queries_SD)
+    def counting_phase1(sources_TD, rstd_NT, queries_SD):
+        calls.append((len(sources_TD), queries_SD.shape[0]))
+        return phase1_reference(sources_TD, rstd_NT, queries_SD)
 
     input_ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
     want = model(input_ids).logits

@@ -538,3 +538,26 @@ def test_chunk_delta_rule_matches_fla_chunk_kernels_on_cuda(per_channel):
     o, s = chunk_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True, chunk_size=64)
     assert _rel_err(o, o_ref) < GPU_TOLERANCE[torch.float32]
     assert _rel_err(s, s_ref) < GPU_TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("name", ["kda", "gdn"])
+def test_fla_chunk_kernel_gets_the_host_copy_of_cu_seqlens(name, monkeypatch):
+    """With documents, fla's chunk kernel receives ``cu_seqlens_cpu`` (so it plans chunks without a device sync);
+    the kernels are stand-ins recording their arguments, the rest of the fla path runs as on a GPU."""
+    from attnres_train.model.packing import DocumentLayout
+
+    module = _build(name).train()
+    seen = {}
+
+    def chunk_kernel(**kwargs):
+        seen.update(kwargs)
+        q, v = kwargs["q"], kwargs["v"]
+        return torch.zeros(*q.shape[:2], *v.shape[2:]), None
+
+    monkeypatch.setattr(type(module), "_fla_kernels", lambda self: (chunk_kernel, None))
+    for conv in (module.q_conv1d, module.k_conv1d, module.v_conv1d):
+        monkeypatch.setattr(conv, "forward", lambda x, cu_seqlens=None, use_fla_kernel=False: x)
+    layout = DocumentLayout.from_doc_ids(torch.tensor([[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 4, 4]]))
+    module._mix_fla(torch.randn(2, 6, 32), layout)
+    assert seen["cu_seqlens_cpu"].device.type == "cpu"
+    assert seen["cu_seqlens_cpu"].tolist() == seen["cu_seqlens"].tolist() == [0, 3, 5, 6, 10, 12]

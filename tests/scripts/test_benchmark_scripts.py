@@ -27,6 +27,19 @@ def test_attnres_kernel_benchmark_dry_run(tmp_path):
         assert row["two_phase_torch"]["max_relative_error_vs_first"] < 1e-5  # the two phases equal the plain mix
 
 
+def test_attnres_traffic_model_runs_without_a_gpu(tmp_path):
+    """``--model-only`` prints and saves the traffic model, labelled as a model. The issue's accounting of one block
+    at N = 8, S = 6 gives a floor of 51 X; the fused design moves less than fla's per-sublayer calls."""
+    report = _script("bench_attnres_kernels").main(["--model-only", "--hidden", "4096", "--out",
+                                                      str(tmp_path / "model.json")])
+    (model,) = report["traffic_model"]
+    assert "not a measurement" in model["kind"]
+    designs = model["designs"]
+    assert designs["floor"]["total_X"] == 51
+    assert 1 < designs["fused"]["vs_floor"] < designs["fla"]["vs_floor"]
+    assert designs["fused"]["bytes"] == round(designs["fused"]["total_X"] * model["X_bytes"])
+
+
 def test_attnres_kernel_benchmark_refuses_to_run_without_a_gpu_outside_dry_run(tmp_path):
     import torch
 

@@ -24,7 +24,9 @@ Two implementations of the mixing (``impl``):
   B*T real tokens; the conv and the recurrence cost grows with documents x longest document.
 * ``fla``: CUDA only. fla's Triton kernels (``chunk_kda`` / ``chunk_gated_delta_rule``, and the
   ``fused_recurrent_*`` kernels in eval mode without grad for T <= 64) and fla's ``causal_conv1d`` for the
-  short convs, on the flattened ``[1, B*T]`` tokens with ``cu_seqlens`` of the layout, so no padding.
+  short convs, on the flattened ``[1, B*T]`` tokens with ``cu_seqlens`` of the layout, so no padding (the
+  chunk kernels also get the layout's host copy ``cu_seqlens_cpu``, so they plan chunks without a device
+  sync). fla's chunk kernels use their own chunk size: ``linear_chunk_size`` applies to ``torch`` only.
   q/k L2 norm, gate activation and beta sigmoid are fused into the kernel exactly as fla's layer does.
 * ``auto``: ``fla`` for CUDA tensors when fla is importable, ``torch`` otherwise.
 
@@ -257,6 +259,9 @@ class _GatedDeltaRuleMixer(nn.Module):
         v = self.v_conv1d(self.v_proj(x_BTD), cu_seqlens=cu_seqlens, use_fla_kernel=True)
         use_recurrent = not self.training and not torch.is_grad_enabled() and T <= 64
         kernel = recurrent_kernel if use_recurrent else chunk_kernel
+        # fla's chunk kernels plan their chunks from host offsets: hand them the layout's host copy, or each call
+        # reads cu_seqlens back from the device (a sync per layer). The recurrent kernels take no such argument.
+        host_offsets = {} if use_recurrent or layout is None else {"cu_seqlens_cpu": layout.cu_seqlens_cpu}
         o, _ = kernel(
             q=q.reshape(rows, length, self.num_heads, self.head_k_dim),
             k=k.reshape(rows, length, self.num_heads, self.head_k_dim),
@@ -272,6 +277,7 @@ class _GatedDeltaRuleMixer(nn.Module):
             use_beta_sigmoid_in_kernel=True,
             allow_neg_eigval=self.allow_neg_eigval,
             cu_seqlens=cu_seqlens,
+            **host_offsets,
         )
         return o.reshape(B, T, self.num_v_heads, self.head_v_dim)
 
