@@ -68,6 +68,15 @@ class ShortConvolution(nn.Module):
         y_BTD = F.conv1d(x_BDT, self.weight, self.bias, groups=self.hidden_size).transpose(1, 2)
         return y_BTD if self.activation is None else F.silu(y_BTD)
 
+    def forward_with_window(self, x_BTD: torch.Tensor, window_BWD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoding: convolve T new columns after ``window`` (the previous W - 1 inputs, zeros before a row's
+        first token) and return ``(y [B, T, D], the new window [B, W - 1, D])``. Same arithmetic as ``forward``
+        on the whole sequence, whose left padding is the all-zero first window."""
+        full_BLD = torch.cat((window_BWD.to(x_BTD.dtype), x_BTD), dim=1)
+        y_BTD = F.conv1d(full_BLD.transpose(1, 2), self.weight, self.bias, groups=self.hidden_size).transpose(1, 2)
+        y_BTD = y_BTD if self.activation is None else F.silu(y_BTD)
+        return y_BTD, full_BLD[:, x_BTD.shape[1]:]
+
     def _forward_fla(self, x_BTD: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         if not x_BTD.is_cuda:
             raise RuntimeError("ShortConvolution: the fla causal_conv1d kernel needs a CUDA tensor")
