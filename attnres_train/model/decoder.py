@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attnres import AttnResQuery, attnres_forward_flops_per_token, build_residual_strategy
+from .cache import DecodeCache, DecodeStep, LayerCache
 from .config import ModelConfig
 from .norms import GatedRMSNorm, RMSNorm
 from .packing import DocumentLayout
@@ -39,6 +40,13 @@ def layer_specs(cfg: ModelConfig) -> list[LayerSpec]:
         LayerSpec(index=i, mixer=mixer_of[kind], mlp=mlp)
         for i, (kind, mlp) in enumerate(zip(cfg.layer_kinds(), cfg.mlp_kinds()))
     ]
+
+
+def _check_one_run_of_tokens(mask_BT: torch.Tensor) -> None:
+    starts_BT = mask_BT.clone()
+    starts_BT[:, 1:] &= ~mask_BT[:, :-1]
+    if bool((starts_BT.sum(dim=1) > 1).any()):
+        raise ValueError("attention_mask: a row has pads (0) between real tokens (1); expected left or right padding")
 
 
 @dataclass
@@ -69,18 +77,24 @@ class DecoderLayer(nn.Module):
             self.mlp_attnres = None
 
     # ``normed_BTD``: the input already through this sublayer's pre-norm (the fused AttnRes applies it).
+    # ``cache``/``step``: decoding (the mixer reads and advances its cached state instead of seeing the prefix).
     def mixer_sublayer(self, h_BTD: Optional[torch.Tensor], layout: Optional[DocumentLayout],
-                       normed_BTD: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.mixer(self.mixer_norm(h_BTD) if normed_BTD is None else normed_BTD, layout)
+                       normed_BTD: Optional[torch.Tensor] = None, cache: Optional[LayerCache] = None,
+                       step: Optional[DecodeStep] = None) -> torch.Tensor:
+        x_BTD = self.mixer_norm(h_BTD) if normed_BTD is None else normed_BTD
+        if cache is not None:
+            return self.mixer.forward_cached(x_BTD, cache, step)
+        return self.mixer(x_BTD, layout)
 
     def mlp_sublayer(self, h_BTD: Optional[torch.Tensor],
                      normed_BTD: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return self.mlp(self.mlp_norm(h_BTD) if normed_BTD is None else normed_BTD)
 
-    def forward(self, stream, residual, layout: Optional[DocumentLayout], aux_losses: list) -> None:
+    def forward(self, stream, residual, layout: Optional[DocumentLayout], aux_losses: list,
+                cache: Optional[LayerCache] = None, step: Optional[DecodeStep] = None) -> None:
         normed_BTD = residual.fused_normed_input(stream, self.mixer_attnres, self.mixer_norm)
         h_BTD = residual.sublayer_input(stream, self.mixer_attnres) if normed_BTD is None else None
-        residual.add_output(stream, self.mixer_sublayer(h_BTD, layout, normed_BTD))
+        residual.add_output(stream, self.mixer_sublayer(h_BTD, layout, normed_BTD, cache, step))
         normed_BTD = residual.fused_normed_input(stream, self.mlp_attnres, self.mlp_norm)
         h_BTD = residual.sublayer_input(stream, self.mlp_attnres) if normed_BTD is None else None
         out_BTD, aux_loss = self.mlp_sublayer(h_BTD, normed_BTD)
@@ -97,6 +111,10 @@ class HybridDecoder(nn.Module):
 
     ``forward(input_ids, doc_ids=None)`` -> ``DecoderOutput(logits, aux_loss, ...)``. ``doc_ids`` ([B, T]) marks
     the documents packed into each row; no token attends to or carries state from another document.
+
+    Decoding (see ``attnres_train.model.cache``): ``cache = new_cache(batch_size, max_length)``, then
+    ``forward(new_ids, attention_mask=mask_of_new_ids, cache=cache)`` once per chunk of new tokens. Without a
+    cache, ``attention_mask`` marks the pads of left-padded rows (they become a separate document).
 
     Accounting (see ``attnres_train.model.accounting`` for the definitions):
       ``num_parameters()``, ``num_active_parameters()``, ``flops_per_token(seq_len, training=True)``.
@@ -140,15 +158,51 @@ class HybridDecoder(nn.Module):
                 module.reset_parameters(std)
 
     # ------------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, max_length: int, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device | str] = None) -> DecodeCache:
+        """An empty decoding cache for ``batch_size`` rows, preallocated for ``max_length`` columns (prompt, pads
+        and generated tokens; it grows if a call needs more). Attention caches take ``dtype`` (default: the
+        embedding's), recurrent states at least fp32."""
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"new_cache(batch_size={batch_size}, max_length={max_length}): expected positive integers")
+        weight = self.embed_tokens.weight
+        dtype = weight.dtype if dtype is None else dtype
+        device = weight.device if device is None else torch.device(device)
+        layers = [layer.mixer.new_cache(batch_size, max_length, dtype, device) for layer in self.layers]
+        return DecodeCache(layers, batch_size, max_length, device)
+
     def forward(
         self,
         input_ids: torch.Tensor,
         doc_ids: Optional[torch.Tensor] = None,
         layout: Optional[DocumentLayout] = None,
         return_diagnostics: bool = False,
+        *,
+        attention_mask: Optional[torch.Tensor] = None,
+        cache: Optional[DecodeCache] = None,
+        logits_to_keep: int = 0,
     ) -> DecoderOutput:
+        """``attention_mask`` [B, T]: 1 real token, 0 pad of a left-padded row (with a cache: the new columns
+        only). ``cache``: consume ``input_ids`` as the next columns of the cached rows and advance the cache.
+        ``logits_to_keep``: compute logits of the last N positions only (0: all)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+        step = None
+        if cache is not None or attention_mask is not None:
+            if doc_ids is not None or layout is not None:
+                raise ValueError("doc_ids/layout (packed documents) cannot be combined with attention_mask or a cache")
+        if cache is not None:
+            if input_ids.shape[0] != cache.batch_size:
+                raise ValueError(f"input_ids has {input_ids.shape[0]} rows but the cache holds {cache.batch_size}")
+            step = cache.begin(attention_mask, input_ids.shape[1])
+        elif attention_mask is not None:
+            if attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} must equal input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            _check_one_run_of_tokens(attention_mask.bool())
+            # Pads become documents of their own around the real tokens: exact, and the packed kernels run
+            # unchanged (left or right padding).
+            doc_ids = attention_mask.long()
         if layout is None and doc_ids is not None:
             if doc_ids.shape != input_ids.shape:
                 raise ValueError(
@@ -160,9 +214,14 @@ class HybridDecoder(nn.Module):
         x_BTD = self.embed_tokens(input_ids)
         stream = self.residual.begin(x_BTD, diagnostics=return_diagnostics)
         aux_losses: list[torch.Tensor] = []
-        for layer in self.layers:
-            layer(stream, self.residual, layout, aux_losses)
-        logits_BTV = self.lm_head(self.final_hidden(stream))
+        for index, layer in enumerate(self.layers):
+            layer(stream, self.residual, layout, aux_losses, None if cache is None else cache.layers[index], step)
+        if cache is not None:
+            cache.finish(step)
+        hidden_BTD = self.final_hidden(stream)
+        if logits_to_keep > 0:
+            hidden_BTD = hidden_BTD[:, -logits_to_keep:]
+        logits_BTV = self.lm_head(hidden_BTD)
         aux_loss = torch.stack(aux_losses).sum() if aux_losses else logits_BTV.new_zeros((), dtype=torch.float32)
         out = DecoderOutput(logits=logits_BTV, aux_loss=aux_loss)
         if return_diagnostics:

@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from attnres_train.model.mixers.attention_backend import ATTENTION_IMPLS, causal_attention
+from attnres_train.model.cache import DecodeStep, KVCache, LatentKVCache
+from attnres_train.model.mixers.attention_backend import ATTENTION_IMPLS, causal_attention, masked_attention
 from attnres_train.model.mixers.rope import RotaryEmbedding, apply_rotary
 from attnres_train.model.norms import RMSNorm
 from attnres_train.model.packing import DocumentLayout
@@ -72,7 +73,8 @@ class MultiheadLatentAttention(nn.Module):
     DeepSeek-V3 with ``rope_interleave=False``); ``use_rope=False`` keeps them unrotated, which is how the
     released Kimi Linear checkpoints (qk_rope_head_dim=64, no positional encoding) compute.
 
-    Training forward materialises per-head K/V from the latent (no absorbed-weights decode path). Softmax
+    Training forward materialises per-head K/V from the latent; decoding (``forward_cached``) caches only the
+    latent and absorbs ``kv_b_proj`` into queries and outputs. Softmax
     scale ``1/sqrt(qk_nope_head_dim + qk_rope_head_dim)``. No biases; norms are ``RMSNorm`` (weight init 1).
     Parameter names match transformers' ``KimiLinearAttention`` / ``DeepseekV3Attention``.
     """
@@ -132,30 +134,64 @@ class MultiheadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(num_heads * v_head_dim, hidden_size, bias=False)
         self.rotary = RotaryEmbedding(qk_rope_head_dim, rope_theta) if (use_rope and qk_rope_head_dim > 0) else None
 
-    def forward(self, x_BTD: torch.Tensor, layout: DocumentLayout | None = None) -> torch.Tensor:
-        _check_forward_input(self, x_BTD, layout)
+    def _project(
+        self, x_BTD: torch.Tensor, position_ids_BT: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q_nope [B, T, H, n], q_shared [B, T, H, R], normed latent [B, T, C], k_shared [B, T, R])``, the
+        shared parts rotated when RoPE is on."""
         B, T, _ = x_BTD.shape
-        H, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
-
         if self.q_lora_rank is None:
             q_flat = self.q_proj(x_BTD)
         else:
             q_flat = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BTHK = q_flat.view(B, T, H, self.qk_head_dim)
-
-        kv_a_out = self.kv_a_proj_with_mqa(x_BTD)  # [B, T, C + R]
-        kv_latent_BTC, k_shared_BTR = kv_a_out.split([self.kv_lora_rank, rope], dim=-1)
-        k_nope_and_v = self.kv_b_proj(self.kv_a_layernorm(kv_latent_BTC)).view(B, T, H, nope + self.v_head_dim)
-        k_nope_BTHn, v_BTHV = k_nope_and_v.split([nope, self.v_head_dim], dim=-1)
-
-        k_shared_BT1R = k_shared_BTR.unsqueeze(2)
+        q_nope_BTHn, q_shared_BTHR = q_flat.view(B, T, self.num_heads, self.qk_head_dim).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        kv_latent_BTC, k_shared_BTR = self.kv_a_proj_with_mqa(x_BTD).split(
+            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(_position_ids(x_BTD, layout))
-            q_BTHK = torch.cat((q_BTHK[..., :nope], apply_rotary(q_BTHK[..., nope:], cos, sin)), dim=-1)
-            k_shared_BT1R = apply_rotary(k_shared_BT1R, cos, sin)
-        k_BTHK = torch.cat((k_nope_BTHn, k_shared_BT1R.expand(B, T, H, rope)), dim=-1)
+            cos, sin = self.rotary.cos_sin(position_ids_BT)
+            q_shared_BTHR = apply_rotary(q_shared_BTHR, cos, sin)
+            k_shared_BTR = apply_rotary(k_shared_BTR.unsqueeze(2), cos, sin).squeeze(2)
+        return q_nope_BTHn, q_shared_BTHR, self.kv_a_layernorm(kv_latent_BTC), k_shared_BTR
+
+    def forward(self, x_BTD: torch.Tensor, layout: DocumentLayout | None = None) -> torch.Tensor:
+        _check_forward_input(self, x_BTD, layout)
+        B, T, _ = x_BTD.shape
+        H, nope, rope = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim
+        positions = _position_ids(x_BTD, layout) if self.rotary is not None else None
+        q_nope_BTHn, q_shared_BTHR, latent_BTC, k_shared_BTR = self._project(x_BTD, positions)
+        q_BTHK = torch.cat((q_nope_BTHn, q_shared_BTHR), dim=-1)
+        k_nope_and_v = self.kv_b_proj(latent_BTC).view(B, T, H, nope + self.v_head_dim)
+        k_nope_BTHn, v_BTHV = k_nope_and_v.split([nope, self.v_head_dim], dim=-1)
+        k_BTHK = torch.cat((k_nope_BTHn, k_shared_BTR.unsqueeze(2).expand(B, T, H, rope)), dim=-1)
 
         o_BTHV = causal_attention(q_BTHK, k_BTHK, v_BTHV, layout, self.scale, impl=self.attention_impl)
+        return self.o_proj(o_BTHV.reshape(B, T, H * self.v_head_dim))
+
+    # --- decoding ---------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device: torch.device) -> LatentKVCache:
+        entries = torch.zeros(batch_size, capacity, self.kv_lora_rank + self.qk_rope_head_dim, dtype=dtype,
+                              device=device)
+        return LatentKVCache(entries)
+
+    def forward_cached(self, x_BTD: torch.Tensor, cache: LatentKVCache, step: DecodeStep) -> torch.Tensor:
+        """The T new tokens against the latent cache, with ``kv_b_proj`` absorbed (weights, not activations).
+
+        Per head, ``q_nope . (W_k c) = (W_k^T q_nope) . c`` and ``sum_s p_s W_v c_s = W_v sum_s p_s c_s``: the
+        queries move into the latent space (``[H, C]``, plus the shared dims), attention runs over the cached
+        ``[S, C + R]`` entries as one key/value head, and ``W_v`` maps the latent output back to ``[H, V]``. No
+        per-head key or value is ever materialised for the cached columns.
+        """
+        B, T, _ = x_BTD.shape
+        H, nope, C = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        q_nope_BTHn, q_shared_BTHR, latent_BTC, k_shared_BTR = self._project(x_BTD, step.position_ids_BT)
+        entries_BSE = cache.write(step.start, torch.cat((latent_BTC, k_shared_BTR), dim=-1))
+        w_HXC = self.kv_b_proj.weight.view(H, nope + self.v_head_dim, C)
+        q_latent_BTHC = torch.einsum("bthn,hnc->bthc", q_nope_BTHn, w_HXC[:, :nope])
+        q_BTHE = torch.cat((q_latent_BTHC, q_shared_BTHR), dim=-1)
+        entries_BS1E = entries_BSE.unsqueeze(2)
+        o_latent_BTHC = masked_attention(q_BTHE, entries_BS1E, entries_BS1E[..., :C], step.visible_BTS, self.scale)
+        o_BTHV = torch.einsum("bthc,hvc->bthv", o_latent_BTHC, w_HXC[:, nope:])
         return self.o_proj(o_BTHV.reshape(B, T, H * self.v_head_dim))
 
     def forward_flops_per_token(self, seq_len: int) -> float:
@@ -243,23 +279,44 @@ class GatedGroupedQueryAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps=norm_eps)
         self.rotary = RotaryEmbedding(self.rotary_dim, rope_theta) if self.rotary_dim > 0 else None
 
-    def forward(self, x_BTD: torch.Tensor, layout: DocumentLayout | None = None) -> torch.Tensor:
-        _check_forward_input(self, x_BTD, layout)
+    def _project(
+        self, x_BTD: torch.Tensor, position_ids_BT: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(q [B, T, H, K], gate [B, T, H, K], k [B, T, G, K], v [B, T, G, K])``, q and k normed and rotated."""
         B, T, _ = x_BTD.shape
         H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
-
         q_BTHK, gate_BTHK = self.q_proj(x_BTD).view(B, T, H, 2 * K).chunk(2, dim=-1)
         q_BTHK = self.q_norm(q_BTHK)
         k_BTGK = self.k_norm(self.k_proj(x_BTD).view(B, T, G, K))
         v_BTGK = self.v_proj(x_BTD).view(B, T, G, K)
         if self.rotary is not None:
-            cos, sin = self.rotary.cos_sin(_position_ids(x_BTD, layout))
+            cos, sin = self.rotary.cos_sin(position_ids_BT)
             q_BTHK = apply_rotary(q_BTHK, cos, sin)
             k_BTGK = apply_rotary(k_BTGK, cos, sin)
+        return q_BTHK, gate_BTHK, k_BTGK, v_BTGK
 
+    def _output(self, o_BTHK: torch.Tensor, gate_BTHK: torch.Tensor) -> torch.Tensor:
+        B, T = o_BTHK.shape[:2]
+        return self.o_proj((o_BTHK * torch.sigmoid(gate_BTHK)).reshape(B, T, self.num_heads * self.head_dim))
+
+    def forward(self, x_BTD: torch.Tensor, layout: DocumentLayout | None = None) -> torch.Tensor:
+        _check_forward_input(self, x_BTD, layout)
+        positions = _position_ids(x_BTD, layout) if self.rotary is not None else None
+        q_BTHK, gate_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, positions)
         o_BTHK = causal_attention(q_BTHK, k_BTGK, v_BTGK, layout, self.scale, impl=self.attention_impl)
-        o_BTHK = o_BTHK * torch.sigmoid(gate_BTHK)
-        return self.o_proj(o_BTHK.reshape(B, T, H * K))
+        return self._output(o_BTHK, gate_BTHK)
+
+    # --- decoding ---------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        shape = (batch_size, capacity, self.num_kv_heads, self.head_dim)
+        return KVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def forward_cached(self, x_BTD: torch.Tensor, cache: KVCache, step: DecodeStep) -> torch.Tensor:
+        """The T new tokens against the cached keys and values (RoPE at each row's own positions)."""
+        q_BTHK, gate_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, step.position_ids_BT)
+        keys_BSGK, values_BSGK = cache.write(step.start, k_BTGK, v_BTGK)
+        o_BTHK = masked_attention(q_BTHK, keys_BSGK, values_BSGK, step.visible_BTS, self.scale)
+        return self._output(o_BTHK, gate_BTHK)
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         """Forward matmul FLOPs per token, averaged over a causal sequence of ``seq_len`` tokens.

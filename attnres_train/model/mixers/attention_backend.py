@@ -2,7 +2,8 @@
 
 One entry point, ``causal_attention``, used by both full-attention mixers (MLA and gated GQA). It accepts
 grouped-query shapes (more query heads than key/value heads) and, as MLA needs, a value head dim that
-differs from the query/key head dim.
+differs from the query/key head dim. Decoding against a cache uses ``masked_attention`` instead: a few new
+queries over many cached columns with an explicit per-row visibility mask (left padding).
 
 Document boundaries come from a ``DocumentLayout``:
 
@@ -190,3 +191,29 @@ def _sdpa_native_gqa(q_BHTK, k_BGTK, v_BGTV) -> bool:
         and q_BHTK.shape[-1] == v_BGTV.shape[-1]
         and q_BHTK.shape[-1] <= _FLASH_MAX_HEAD_DIM
     )
+
+
+def masked_attention(
+    q_BTHK: torch.Tensor,
+    k_BSGK: torch.Tensor,
+    v_BSGV: torch.Tensor,
+    visible_BTS: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Softmax attention of T new queries over S cached columns with an explicit visibility mask (decoding).
+
+    Query head ``h`` reads key/value head ``h // (H // G)``; the heads of a group share one matmul over the
+    cache, so the cache is never repeated per head. Scores and softmax are in at least fp32. Every query must
+    see at least one column. Returns ``[B, T, H, V]`` in the dtype of ``q``.
+    """
+    B, T, H, K = q_BTHK.shape
+    S, G, V = k_BSGK.shape[1], k_BSGK.shape[2], v_BSGV.shape[3]
+    group = H // G
+    dtype = torch.promote_types(q_BTHK.dtype, torch.float32)
+    q_BGrTK = q_BTHK.to(dtype).view(B, T, G, group, K).permute(0, 2, 3, 1, 4).reshape(B, G, group * T, K)
+    k_BGKS = k_BSGK.to(dtype).permute(0, 2, 3, 1)
+    scores_BGrTS = (q_BGrTK @ k_BGKS).view(B, G, group, T, S) * scale
+    scores_BGrTS = scores_BGrTS.masked_fill(~visible_BTS[:, None, None], float("-inf"))
+    weights_BGrTS = torch.softmax(scores_BGrTS, dim=-1).view(B, G, group * T, S)
+    o_BGrTV = weights_BGrTS @ v_BSGV.to(dtype).transpose(1, 2)
+    return o_BGrTV.view(B, G, group, T, V).permute(0, 3, 1, 2, 4).reshape(B, T, H, V).to(q_BTHK.dtype)

@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnres_train.model.mixers.delta_rule import chunk_delta_rule, delta_rule_flops_per_token, l2_normalize
+from attnres_train.model.cache import DecodeStep, RecurrentCache
+from attnres_train.model.mixers.delta_rule import (
+    chunk_delta_rule,
+    delta_rule_flops_per_token,
+    l2_normalize,
+    recurrent_delta_rule,
+)
 from attnres_train.model.mixers.short_conv import ShortConvolution
 from attnres_train.model.norms import GatedRMSNorm
 from attnres_train.model.packing import DocumentLayout
@@ -189,6 +195,10 @@ class _GatedDeltaRuleMixer(nn.Module):
             o_BTEV = self._mix_fla(x_BTD, layout)
         else:
             o_BTEV = self._mix_torch(x_BTD, layout)
+        return self._output(x_BTD, o_BTEV)
+
+    def _output(self, x_BTD: torch.Tensor, o_BTEV: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
         gate_BTEV = self.g_proj(x_BTD).view(B, T, self.num_v_heads, self.head_v_dim)
         o_BTEV = self.o_norm(o_BTEV, gate_BTEV)
         return self.o_proj(o_BTEV.reshape(B, T, self.value_dim))
@@ -224,7 +234,6 @@ class _GatedDeltaRuleMixer(nn.Module):
 
     def _mix_torch(self, x_BTD: torch.Tensor, layout: DocumentLayout | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        H, E, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
         parts = [self.q_proj(x_BTD), self.k_proj(x_BTD), self.v_proj(x_BTD)]
         parts += [self._gate_input(x_BTD), self.b_proj(x_BTD)]
         # Projections are per token, so they run on the B*T real tokens; only the conv and the recurrence
@@ -234,16 +243,64 @@ class _GatedDeltaRuleMixer(nn.Module):
             sizes = [p.shape[-1] for p in parts]
             parts = list(layout.to_padded(torch.cat(parts, dim=-1)).split(sizes, dim=-1))
         q_RLD, k_RLD, v_RLD, gate_input, beta_input_RLE = parts
+        q_RLHK, k_RLHK, v_RLEV, g, beta_RLE = self._delta_rule_inputs(
+            self.q_conv1d(q_RLD), self.k_conv1d(k_RLD), self.v_conv1d(v_RLD), gate_input, beta_input_RLE)
+        o_RLEV, _ = chunk_delta_rule(q_RLHK, k_RLHK, v_RLEV, g, beta_RLE, chunk_size=self.chunk_size)
+        return layout.from_padded(o_RLEV, B, T) if padded else o_RLEV
+
+    def _delta_rule_inputs(self, q_RLD, k_RLD, v_RLD, gate_input, beta_input_RLE):
+        """Convolved q, k, v and the raw gate / beta inputs -> the delta rule's ``(q, k, v, g, beta)``."""
         R, L = q_RLD.shape[:2]
-        q_RLHK = l2_normalize(self.q_conv1d(q_RLD).float().view(R, L, H, K))
-        k_RLHK = l2_normalize(self.k_conv1d(k_RLD).float().view(R, L, H, K))
-        v_RLEV = self.v_conv1d(v_RLD).view(R, L, E, V)
+        H, E, K, V = self.num_heads, self.num_v_heads, self.head_k_dim, self.head_v_dim
+        q_RLHK = l2_normalize(q_RLD.float().view(R, L, H, K))
+        k_RLHK = l2_normalize(k_RLD.float().view(R, L, H, K))
+        v_RLEV = v_RLD.view(R, L, E, V)
         g = self._log_gate(gate_input.view(R, L, *self._gate_input_shape()))
         beta_RLE = torch.sigmoid(beta_input_RLE.float())
         if self.allow_neg_eigval:
             beta_RLE = 2.0 * beta_RLE
-        o_RLEV, _ = chunk_delta_rule(q_RLHK, k_RLHK, v_RLEV, g, beta_RLE, chunk_size=self.chunk_size)
-        return layout.from_padded(o_RLEV, B, T) if padded else o_RLEV
+        return q_RLHK, k_RLHK, v_RLEV, g, beta_RLE
+
+    # --- decoding ------------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype, device: torch.device) -> RecurrentCache:
+        """Zero state and zero conv windows (a row's history before its first token); ``capacity`` is unused:
+        nothing here grows with the context."""
+        def window(channels: int) -> torch.Tensor:
+            return torch.zeros(batch_size, self.conv_size - 1, channels, dtype=dtype, device=device)
+
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        state = torch.zeros(batch_size, self.num_v_heads, self.head_k_dim, self.head_v_dim, dtype=state_dtype,
+                            device=device)
+        return RecurrentCache(state, window(self.key_dim), window(self.key_dim), window(self.value_dim))
+
+    def forward_cached(self, x_BTD: torch.Tensor, cache: RecurrentCache, step: DecodeStep) -> torch.Tensor:
+        """The T new tokens from the cached state and conv windows (pure torch on any device).
+
+        Pads are no-ops: their conv inputs are zero (pads only precede a row's first token, where the window is
+        all zeros anyway) and gate and beta are zero, so the state is neither decayed nor written. One token runs
+        the step-by-step recurrence; more run the chunked form from the cached state.
+        """
+        B, T, _ = x_BTD.shape
+        keep_BT1 = step.token_mask_BT.unsqueeze(-1)
+
+        def convolved(projection: nn.Module, conv: ShortConvolution, window_BWD: torch.Tensor):
+            return conv.forward_with_window(projection(x_BTD).masked_fill(~keep_BT1, 0.0), window_BWD)
+
+        q_BTD, cache.q_window_BWD = convolved(self.q_proj, self.q_conv1d, cache.q_window_BWD)
+        k_BTD, cache.k_window_BWD = convolved(self.k_proj, self.k_conv1d, cache.k_window_BWD)
+        v_BTD, cache.v_window_BWD = convolved(self.v_proj, self.v_conv1d, cache.v_window_BWD)
+        q_BTHK, k_BTHK, v_BTEV, g, beta_BTE = self._delta_rule_inputs(
+            q_BTD, k_BTD, v_BTD, self._gate_input(x_BTD), self.b_proj(x_BTD))
+        g = g.masked_fill(~step.token_mask_BT.view(B, T, *([1] * (g.dim() - 2))), 0.0)
+        beta_BTE = beta_BTE.masked_fill(~keep_BT1, 0.0)
+        if T == 1:
+            o_BTEV, cache.state_BNKV = recurrent_delta_rule(
+                q_BTHK, k_BTHK, v_BTEV, g, beta_BTE, initial_state=cache.state_BNKV, output_final_state=True)
+        else:
+            o_BTEV, cache.state_BNKV = chunk_delta_rule(
+                q_BTHK, k_BTHK, v_BTEV, g, beta_BTE, initial_state=cache.state_BNKV, output_final_state=True,
+                chunk_size=self.chunk_size)
+        return self._output(x_BTD, o_BTEV)
 
     def _mix_fla(self, x_BTD: torch.Tensor, layout: DocumentLayout | None) -> torch.Tensor:
         chunk_kernel, recurrent_kernel = self._fla_kernels()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SHORT_CONV_ACTIVATIONS = ("silu", "swish", None)
+SMALL_STEP_TOKENS = 16  # decoding calls of at most this many new columns skip conv1d (see forward_with_window)
 
 
 class ShortConvolution(nn.Module):
@@ -67,6 +68,23 @@ class ShortConvolution(nn.Module):
         x_BDT = F.pad(x_BTD.transpose(1, 2), (self.kernel_size - 1, 0))
         y_BTD = F.conv1d(x_BDT, self.weight, self.bias, groups=self.hidden_size).transpose(1, 2)
         return y_BTD if self.activation is None else F.silu(y_BTD)
+
+    def forward_with_window(self, x_BTD: torch.Tensor, window_BWD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoding: convolve T new columns after ``window`` (the previous W - 1 inputs, zeros before a row's
+        first token) and return ``(y [B, T, D], the new window [B, W - 1, D])``. Same arithmetic as ``forward``
+        on the whole sequence, whose left padding is the all-zero first window."""
+        full_BLD = torch.cat((window_BWD.to(x_BTD.dtype), x_BTD), dim=1)
+        if x_BTD.shape[1] <= SMALL_STEP_TOKENS:
+            # A few columns: an explicit weighted sum over the W taps. CPU conv1d spends far longer setting up
+            # its kernel than computing W * D multiply-adds per token.
+            taps_BTDW = full_BLD.unfold(1, self.kernel_size, 1)
+            y_BTD = (taps_BTDW * self.weight.squeeze(1).to(x_BTD.dtype)).sum(-1)
+            if self.bias is not None:
+                y_BTD = y_BTD + self.bias.to(x_BTD.dtype)
+        else:
+            y_BTD = F.conv1d(full_BLD.transpose(1, 2), self.weight, self.bias, groups=self.hidden_size).transpose(1, 2)
+        y_BTD = y_BTD if self.activation is None else F.silu(y_BTD)
+        return y_BTD, full_BLD[:, x_BTD.shape[1]:]
 
     def _forward_fla(self, x_BTD: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         if not x_BTD.is_cuda:

@@ -1,0 +1,8 @@
+"""Text generation from a trained model: ``generate`` (batched, cached decoding with greedy / temperature / top-p
+sampling), ``load_for_generation`` (an export file, a checkpoint or a run directory, with its tokenizer) and the
+``attnres-generate`` command (``cli.py``)."""
+
+from .loading import LoadedModel, load_for_generation
+from .sampling import GenerationError, SamplingConfig, generate, next_tokens
+
+__all__ = ["GenerationError", "LoadedModel", "SamplingConfig", "generate", "load_for_generation", "next_tokens"]
