@@ -97,7 +97,9 @@ def _train(cfg, exit_on_user_error: bool) -> dict:
     from .optim import OptimConfigError
     from .trainer import Trainer
 
-    user_errors = (RunConfigError, ModelConfigError, DataConfigError, OptimConfigError, CheckpointError)
+    from attnres_train.interop.kimi_linear import InteropError
+
+    user_errors = (RunConfigError, ModelConfigError, DataConfigError, OptimConfigError, CheckpointError, InteropError)
     try:
         return Trainer(cfg).run()
     except user_errors as exc:
