@@ -187,26 +187,49 @@ def load_tokenizer(spec: Optional[str], where: Path | str):
         raise InteropError(f"{where}: tokenizer {spec!r} cannot be loaded ({exc})") from None
 
 
-# Fields that only choose how the same function is computed or trained: they may differ from the source's.
-_NON_ARCHITECTURE_FIELDS = {"hybrid_ratio", "layer_pattern", "linear_chunk_size", "linear_attention_impl",
-                            "attention_impl", "attnres_impl", "init_std", "moe_bias_update_rate", "moe_aux_loss_coef"}
+def architecture(cfg: ModelConfig) -> dict[str, Any]:
+    """The fields that decide the function a model computes, as effective values (a field that does not apply to
+    this stack, or an implementation choice, is left out), keyed by the config field to set."""
+    kinds, mlps = cfg.layer_kinds(), cfg.mlp_kinds()
+    out: dict[str, Any] = {name: getattr(cfg, name) for name in (
+        "vocab_size", "hidden_size", "num_layers", "norm_eps", "tie_embeddings", "residual")}
+    out["layer_pattern"] = "".join(kinds)
+    if cfg.residual != "standard":
+        out["attnres_block_size"] = cfg.attnres_block_size
+    if "L" in kinds:
+        out.update({name: getattr(cfg, name) for name in (
+            "linear_mixer", "linear_num_heads", "linear_head_dim", "linear_expand_v", "linear_conv_size",
+            "linear_allow_neg_eigval")})
+        out["linear_num_v_heads"] = cfg.linear_num_v_heads or cfg.linear_num_heads
+        if cfg.linear_mixer == "kda":
+            out["linear_output_gate_bias"] = cfg.linear_output_gate_bias
+    if "F" in kinds:
+        out["full_mixer"] = cfg.full_mixer
+        prefix = "mla_" if cfg.full_mixer == "mla" else "gqa_"
+        out.update({name: value for name, value in cfg.to_dict().items()
+                    if name.startswith(prefix) and name != "mla_latent_norm_eps"})
+        if cfg.full_mixer == "mla":
+            out["mla_latent_norm_eps"] = cfg.latent_norm_eps()
+        if cfg.full_mixer == "gqa" or (cfg.mla_use_rope and cfg.mla_qk_rope_head_dim > 0):
+            out["rope_theta"] = cfg.rope_theta
+    if "moe" in mlps:
+        out.update({name: getattr(cfg, name) for name in (
+            "num_experts", "top_k", "num_shared_experts", "expert_ffn_dim", "router_score", "routed_scaling_factor")})
+        out["first_dense_layers"] = mlps.count("dense")
+    if "dense" in mlps:
+        key = "ffn_dim" if cfg.mlp == "dense" else "first_dense_ffn_dim"
+        out[key] = cfg.ffn_dim if cfg.mlp == "dense" else (cfg.first_dense_ffn_dim or cfg.ffn_dim)
+    return out
 
 
 def initial_weights(path: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """``train.init_from``: the weights at ``path`` for a run configured as ``cfg``, once ``cfg`` is known to
     describe the same model (otherwise one error naming every field to change)."""
     source = read_model_source(Path(path).expanduser())
-    saved, current = source.model_cfg, cfg
-    differences = [f"model.{name}={saved.to_dict()[name]!r} (this run: {current.to_dict()[name]!r})"
-                   for name in current.to_dict()
-                   if name not in _NON_ARCHITECTURE_FIELDS | {"mla_latent_norm_eps"}
-                   and saved.to_dict()[name] != current.to_dict()[name]]
-    if "F" in current.layer_kinds() and saved.latent_norm_eps() != current.latent_norm_eps():
-        differences.append(f"model.mla_latent_norm_eps={saved.latent_norm_eps()!r} "
-                           f"(this run: {current.latent_norm_eps()!r})")
-    if saved.layer_kinds() != current.layer_kinds():
-        differences.append(f"model.layer_pattern={''.join(saved.layer_kinds())!r} "
-                           f"(this run: {''.join(current.layer_kinds())!r})")
+    saved, current = architecture(source.model_cfg), architecture(cfg)
+    differences = [f"model.{name}={saved.get(name)!r} (this run: {current.get(name)!r})"
+                   for name in sorted(set(saved) | set(current), key=list({**saved, **current}).index)
+                   if saved.get(name) != current.get(name)]
     if differences:
         raise InteropError(f"train.init_from={path!r} holds another model; set " + ", ".join(differences))
     return source.state
