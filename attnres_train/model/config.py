@@ -26,6 +26,17 @@ class ModelConfigError(ValueError):
     """A model config field has an impossible value; the message names the field."""
 
 
+# Fields added after checkpoints were already being written, with the value that reproduces the model those
+# checkpoints were trained as when a saved config lacks the field (a field absent from this table defaults
+# to its declared default, which is then also what the older code computed).
+LEGACY_FIELD_VALUES = {"linear_output_gate_bias": True}
+
+
+def with_legacy_fields(saved: dict) -> dict:
+    """A saved model config dict completed with the legacy value of every field it predates."""
+    return {**{k: v for k, v in LEGACY_FIELD_VALUES.items() if k not in saved}, **saved}
+
+
 @dataclass
 class ModelConfig:
     # --- stack shape -------------------------------------------------------------------------------
@@ -36,7 +47,7 @@ class ModelConfig:
     layer_pattern: Optional[str] = None  # explicit per-layer string of L (linear) / F (full); overrides hybrid_ratio
     linear_mixer: str = "kda"  # kda | gdn
     full_mixer: str = "mla"  # mla | gqa
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-6  # every RMSNorm but MLA's latent norms (published Kimi Linear: 1e-5)
     tie_embeddings: bool = False
     init_std: float = 0.02
 
@@ -51,6 +62,9 @@ class ModelConfig:
     # (impl fla) use their own fixed chunk size and ignore this field
     linear_chunk_size: int = 64
     linear_attention_impl: str = "auto"  # auto (fla on CUDA, torch elsewhere) | torch | fla
+    # KDA output gate: a bias on its second projection (g_proj.1) as in fla's layer; the published Kimi Linear
+    # has none. Checkpoints saved before this field existed had it (see LEGACY_FIELD_VALUES).
+    linear_output_gate_bias: bool = False
 
     # --- MLA (Kimi Linear) ---------------------------------------------------------------------------
     mla_num_heads: int = 4
@@ -60,6 +74,9 @@ class ModelConfig:
     mla_qk_rope_head_dim: int = 0  # decoupled shared-key dims (Kimi Linear: 64); rotated only if mla_use_rope
     mla_use_rope: bool = False  # Kimi Linear's MLA uses no positional encoding at all (NoPE)
     mla_v_head_dim: int = 64
+    # eps of MLA's latent norms (kv_a_layernorm, q_a_layernorm); null: norm_eps. Published Kimi Linear and
+    # DeepSeek-V3: 1e-6 while their other norms use 1e-5.
+    mla_latent_norm_eps: Optional[float] = None
 
     # --- gated GQA (Qwen3-Next) ------------------------------------------------------------------------
     gqa_num_heads: int = 4
@@ -118,6 +135,8 @@ class ModelConfig:
             f"one of {LINEAR_ATTENTION_IMPLS}",
         )
         need(self.norm_eps > 0, "norm_eps", "a positive float")
+        need(self.mla_latent_norm_eps is None or self.mla_latent_norm_eps > 0, "mla_latent_norm_eps",
+             "null (same as norm_eps) or a positive float")
         if self.layer_pattern is not None:
             pattern = self.layer_pattern
             need(
@@ -214,6 +233,9 @@ class ModelConfig:
     def mlp_kinds(self) -> list[str]:
         """Per-layer MLP kind: 'dense' for the first ``first_dense_layers`` layers (or all, if mlp=dense)."""
         return ["dense" if (self.mlp == "dense" or i < self.first_dense_layers) else "moe" for i in range(self.num_layers)]
+
+    def latent_norm_eps(self) -> float:
+        return self.norm_eps if self.mla_latent_norm_eps is None else self.mla_latent_norm_eps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

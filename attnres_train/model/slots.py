@@ -27,6 +27,7 @@ def build_sequence_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
             norm_eps=cfg.norm_eps,
             chunk_size=cfg.linear_chunk_size,
             impl=cfg.linear_attention_impl,
+            **({"output_gate_bias": cfg.linear_output_gate_bias} if kind == "kda" else {}),
         )
     if kind == "mla":
         from .mixers.attention import MultiheadLatentAttention
@@ -40,7 +41,7 @@ def build_sequence_mixer(kind: str, cfg: ModelConfig) -> nn.Module:
             v_head_dim=cfg.mla_v_head_dim,
             q_lora_rank=cfg.mla_q_lora_rank,
             rope_theta=cfg.rope_theta,
-            norm_eps=cfg.norm_eps,
+            norm_eps=cfg.latent_norm_eps(),
             attention_impl=cfg.attention_impl,
             use_rope=cfg.mla_use_rope,
         )

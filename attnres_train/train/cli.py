@@ -101,8 +101,10 @@ def _train(cfg, exit_on_user_error: bool) -> dict:
     from .run_lock import RunDirLockedError
     from .trainer import Trainer
 
+    from attnres_train.interop.kimi_linear import InteropError
+
     user_errors = (RunConfigError, ModelConfigError, DataConfigError, OptimConfigError, CheckpointError,
-                   DataStateError, ResumeConfigError, RunDirLockedError, TrainingDivergedError)
+                   DataStateError, ResumeConfigError, RunDirLockedError, TrainingDivergedError, InteropError)
     try:
         return Trainer(cfg).run()
     except user_errors as exc:

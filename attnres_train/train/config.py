@@ -42,6 +42,10 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)
     keep_checkpoints: int = 2  # complete checkpoints kept in run_dir/checkpoints
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir | never | path to a checkpoint tag dir
+    # Start from these weights (a fresh run only; a resumed run keeps its own): a Hugging Face Kimi Linear
+    # directory, a directory written by attnres-export, a complete checkpoint or an exported .pt. The model config
+    # must describe the same architecture (a mismatch names the fields to set).
+    init_from: Optional[str] = None
     activation_checkpointing: bool = False  # recompute sublayers in backward to save activation memory
     compile: bool = False  # torch.compile each decoder layer (CUDA only)
     progress_bar: bool = True  # tqdm bar on rank 0

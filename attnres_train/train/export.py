@@ -5,8 +5,11 @@
 The output holds ``{"model_config": dict, "state_dict": HybridDecoder state dict}``; ``load_exported`` builds the
 model from it. Pipeline checkpoints (one ``layer_XX-model_states.pt`` per pipeline layer) are mapped back to the
 decoder's parameter names, so a model trained with P stages runs or fine-tunes anywhere, including a laptop CPU.
-Under ZeRO-3 the weights are sharded across optimizer files: convert those with DeepSpeed's
-``zero_to_fp32.py`` first.
+Under ZeRO-3 the module files hold empty placeholders: the parameters are gathered from every data-parallel rank's
+fp32 partition (``zero_pp_rank_*_optim_states.pt``), the buffers from the module file.
+
+For a Hugging Face directory (native Kimi Linear or this package's ``attnres`` model type) use
+``attnres-export`` (``attnres_train.interop.export``).
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from pathlib import Path
 import torch
 
 from attnres_train.model import build_model
+from attnres_train.model.config import with_legacy_fields
 
 from attnres_train.atomic_files import atomic_write
 
 from .checkpoint import MARKER_NAME, MODEL_CONFIG_KEY, CheckpointError, no_space_left, read_checkpoint_file
 
 LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt$")
+ZERO3_OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
 def exported_state(tag_dir: Path) -> tuple[dict, dict]:
@@ -39,6 +44,7 @@ def exported_state(tag_dir: Path) -> tuple[dict, dict]:
     model_cfg = marker.get(MODEL_CONFIG_KEY)
     if not isinstance(model_cfg, dict):
         raise CheckpointError(f"{marker_path}: holds no model config to rebuild the model from")
+    model_cfg = with_legacy_fields(model_cfg)
     state = saved_module_state(tag_dir, int(model_cfg["num_layers"]))
     if model_cfg.get("tie_embeddings") and "embed_tokens.weight" in state:
         state.setdefault("lm_head.weight", state["embed_tokens.weight"])  # a pipeline stores the tied matrix once
@@ -58,17 +64,57 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
 
         return {model_key(index, key, num_layers): value
                 for index, path in layer_files for key, value in read_checkpoint_file(path, mmap=True).items()}
+    zero3_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
+    if zero3_files:
+        return zero3_module_state(tag_dir, read_checkpoint_file(zero3_files[0], mmap=True))
     path = tag_dir / "mp_rank_00_model_states.pt"
     module = read_checkpoint_file(path, mmap=True).get("module")
     if not module:
-        raise CheckpointError(f"{path}: holds no module weights (a ZeRO-3 checkpoint? use zero_to_fp32.py)")
+        raise CheckpointError(f"{path}: holds no module weights")
     return dict(module)
+
+
+def zero3_module_state(tag_dir: Path, model_states: dict) -> dict:
+    """Whole parameters of a ZeRO-3 checkpoint. Each rank's fp32 partition is its parameters' slices laid end to
+    end: parameter p (in ``param_shapes`` order) takes ``ceil(numel / ranks)`` elements on every rank, and rank r
+    holds elements ``[r * that, (r + 1) * that)`` of the flattened parameter (the last rank zero-padded)."""
+    optim_files = {int(m.group(1)): p for p in tag_dir.iterdir()
+                   if (m := ZERO3_OPTIM_FILE.search(p.name)) is not None}
+    if not optim_files:
+        raise CheckpointError(f"{tag_dir}: ZeRO-3 module files but no zero_pp_rank_*_optim_states.pt with the weights")
+    flats = []
+    for rank in range(len(optim_files)):
+        if rank not in optim_files:
+            raise CheckpointError(f"{tag_dir}: zero_pp_rank_{rank}_mp_rank_00_optim_states.pt is missing")
+        state = read_checkpoint_file(optim_files[rank], mmap=True).get("optimizer_state_dict") or {}
+        if "fp32_flat_groups" not in state:
+            raise CheckpointError(f"{optim_files[rank]}: not a ZeRO-3 optimizer file (no fp32_flat_groups)")
+        if int(state.get("partition_count", len(optim_files))) != len(optim_files):
+            raise CheckpointError(f"{tag_dir}: saved by {state['partition_count']} ranks but "
+                                  f"{len(optim_files)} optimizer files are present")
+        flats.append(torch.cat([group.reshape(-1) for group in state["fp32_flat_groups"]]))
+    ranks = len(flats)
+    out, offset = {}, 0
+    for group in model_states["param_shapes"]:
+        for name, shape in group.items():
+            numel = torch.Size(shape).numel()
+            per_rank = -(-numel // ranks)
+            if offset + per_rank > flats[0].numel():
+                raise CheckpointError(f"{tag_dir}: the fp32 partitions end before parameter {name}")
+            pieces = [flat[offset:offset + per_rank] for flat in flats]
+            out[name] = torch.cat(pieces)[:numel].view(shape).clone()
+            offset += per_rank
+    buffers = set(model_states.get("buffer_names") or ())
+    out.update({name: value for name, value in model_states["module"].items() if name in buffers})
+    for name, source in (model_states.get("shared_params") or {}).items():
+        out[name] = out[source]
+    return out
 
 
 def load_exported(path: Path, device: str | torch.device = "cpu"):
     payload = read_checkpoint_file(path)  # weights-only: the config is plain data
     payload["state_dict"] = {k: v.to(device) for k, v in payload["state_dict"].items()}
-    model = build_model(payload["model_config"]).to(device)
+    model = build_model(with_legacy_fields(payload["model_config"])).to(device)
     model.load_state_dict(payload["state_dict"], strict=True)
     return model
 

@@ -25,8 +25,9 @@ from .run_state import NON_TRAINING_KEYS
 REFUSED_FIELDS = ("train.seed", "data.")
 # Data fields that only say how to read the same tokens, not which tokens.
 DATA_FIELDS_SAFE_TO_CHANGE = ("data.verify_shards",)
-# Checked elsewhere: the model by its fingerprint, the layout by reshard.layout_changes, run_dir by definition.
-COMPARED_ELSEWHERE = ("model.", "parallel.", "run_dir")
+# Checked elsewhere: the model by its fingerprint, the layout by reshard.layout_changes, run_dir by definition;
+# train.init_from only seeds a fresh run's weights, a resume reads them from the checkpoint.
+COMPARED_ELSEWHERE = ("model.", "parallel.", "run_dir", "train.init_from")
 
 
 class ResumeConfigError(ValueError):

@@ -30,6 +30,7 @@ from attnres_train.atomic_files import atomic_write_text
 from attnres_train.data import build_loaders, build_tokenizer
 from attnres_train.data.config import DataConfig
 from attnres_train.model import ModelConfig, build_model
+from attnres_train.model.config import with_legacy_fields
 from attnres_train.model.accounting import describe
 from attnres_train.model.loss import language_model_loss
 
@@ -253,6 +254,10 @@ class Trainer:
 
         torch.manual_seed(train.seed)
         model = build_model(self.model_cfg)
+        if train.init_from and resume.tag is None:
+            from attnres_train.interop.pretrained import initial_weights
+
+            model.load_state_dict(initial_weights(train.init_from, self.model_cfg), strict=True)
         if self.parallel_cfg.zero_stage == 3 and hasattr(model.residual, "per_module_parameters"):
             model.residual.per_module_parameters = True  # ZeRO-3 gathers each module's shards only around its call
         if train.activation_checkpointing and stages == 1:
@@ -409,10 +414,15 @@ class Trainer:
             return ResumePoint(None, {})
         marker = checkpoints.read_marker(tag) or {}
         saved_model_cfg = marker.get(MODEL_CONFIG_KEY)
+        saved_fingerprint = marker.get("config_fingerprint")
+        if isinstance(saved_model_cfg, dict):
+            # A config saved before a field existed is compared as the model it trained (legacy values filled in).
+            saved_model_cfg = with_legacy_fields(saved_model_cfg)
+            saved_fingerprint = config_fingerprint(saved_model_cfg)
         # Nested under "model" so the differing fields are named as on the command line (model.hidden_size).
         validate_fingerprint(
             {
-                FINGERPRINT_KEY: marker.get("config_fingerprint"),
+                FINGERPRINT_KEY: saved_fingerprint,
                 MODEL_CONFIG_KEY: {"model": saved_model_cfg} if isinstance(saved_model_cfg, dict) else None,
             },
             config_fingerprint(self.model_cfg.to_dict()),

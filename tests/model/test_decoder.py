@@ -143,7 +143,7 @@ def test_active_parameters():
 def _kimi_48b_hand_count() -> tuple[int, int]:
     """Published Kimi-Linear-48B-A3B shape, counted by hand from its config."""
     D, V, F_dense, F_exp, E, K = 2304, 163840, 9216, 1024, 256, 8
-    kda = 4 * D * 4096 + 2 * (D * 128 + 128 * 4096) + 4096 + D * 32 + 3 * 4096 * 4 + 32 + 4096 + 128
+    kda = 4 * D * 4096 + 2 * (D * 128 + 128 * 4096) + D * 32 + 3 * 4096 * 4 + 32 + 4096 + 128
     mla = D * 32 * 192 + D * (512 + 64) + 512 + 512 * 32 * 256 + 32 * 128 * D
     norms_and_queries = 27 * 2 * D + 27 * 2 * 2 * D + 2 * D + D  # pre-norms, AttnRes q + key norm, final
     expert = 3 * D * F_exp

@@ -215,8 +215,11 @@ def test_short_conv_is_causal_depthwise_with_last_tap_on_current_token():
 # --------------------------------------------------------------------------------------------------
 # module level
 MODULE_CASES = {
-    "kda": (KimiDeltaAttention, dict(hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, expand_v=1.0)),
-    "kda_mha": (KimiDeltaAttention, dict(hidden_size=32, head_dim=16, num_heads=2, expand_v=0.5)),
+    # output_gate_bias=True: fla's KDA layout (its g_proj.1 has a bias; the published model's has none)
+    "kda": (KimiDeltaAttention, dict(hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, expand_v=1.0,
+                                     output_gate_bias=True)),
+    "kda_mha": (KimiDeltaAttention, dict(hidden_size=32, head_dim=16, num_heads=2, expand_v=0.5,
+                                         output_gate_bias=True)),
     "gdn": (GatedDeltaNet, dict(hidden_size=32, head_dim=8, num_heads=2, expand_v=2.0)),
     "gdn_gva": (GatedDeltaNet, dict(hidden_size=32, head_dim=8, num_heads=2, num_v_heads=4, expand_v=1.0)),
 }

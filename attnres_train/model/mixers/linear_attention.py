@@ -15,7 +15,10 @@ from the low-rank ``g_proj``. GDN: one scalar gate per value head (``a_proj``, `
 output gate from a full-rank ``g_proj`` (fla's ``use_gate=True``).
 
 Parameter names, shapes and inits are those of fla 0.6.0's ``fla.layers.KimiDeltaAttention`` and
-``fla.layers.GatedDeltaNet`` (short conv without bias, no cache), so a state_dict loads into either.
+``fla.layers.GatedDeltaNet`` (short conv without bias, no cache), so a state_dict loads into either. One
+choice differs by default: fla's KDA output gate has a bias on its second projection (``g_proj.1.bias``), the
+published Kimi Linear model and transformers' ``KimiLinearForCausalLM`` have none; ``output_gate_bias=True``
+gives fla's layout.
 
 Two implementations of the mixing (``impl``):
 * ``torch``: pure PyTorch on any device. Documents of a packed row become padded rows
@@ -371,7 +374,8 @@ class KimiDeltaAttention(_GatedDeltaRuleMixer):
 
     Parameters (fla names): q_proj/k_proj ``[H*K, D]``, v_proj ``[HV*V, D]``, {q,k,v}_conv1d.weight
     ``[*, 1, W]``, f_proj.0 ``[V, D]``, f_proj.1 ``[HV*K, V]``, b_proj ``[HV, D]``, A_log ``[HV]``
-    (log U(1, 16)), dt_bias ``[HV*K]``, g_proj.0 ``[V, D]``, g_proj.1 ``[HV*V, V]`` + bias, o_norm.weight
+    (log U(1, 16)), dt_bias ``[HV*K]``, g_proj.0 ``[V, D]``, g_proj.1 ``[HV*V, V]`` (+ bias ``[HV*V]`` with
+    ``output_gate_bias``, fla's layout; the published Kimi Linear has none), o_norm.weight
     ``[V]`` (sigmoid-gated RMSNorm), o_proj ``[D, HV*V]``.
     """
 
@@ -389,6 +393,7 @@ class KimiDeltaAttention(_GatedDeltaRuleMixer):
         norm_eps: float = 1e-5,
         chunk_size: int = 64,
         impl: str = "auto",
+        output_gate_bias: bool = False,
     ):
         super().__init__()
         self._init_common(
@@ -402,7 +407,7 @@ class KimiDeltaAttention(_GatedDeltaRuleMixer):
         self.f_proj = nn.Sequential(nn.Linear(D, V, bias=False), nn.Linear(V, self.gate_dim, bias=False))
         self.b_proj = nn.Linear(D, E, bias=False)
         self._make_gate_parameters(torch.empty(E).uniform_(1, 16), self.gate_dim)
-        self.g_proj = nn.Sequential(nn.Linear(D, V, bias=False), nn.Linear(V, self.value_dim, bias=True))
+        self.g_proj = nn.Sequential(nn.Linear(D, V, bias=False), nn.Linear(V, self.value_dim, bias=output_gate_bias))
         self.o_norm = GatedRMSNorm(V, eps=norm_eps, activation="sigmoid")
         self.o_proj = nn.Linear(self.value_dim, D, bias=False)
 
