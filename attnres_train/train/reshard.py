@@ -250,7 +250,8 @@ def layout_changes(marker: Mapping[str, Any], current: Mapping[str, Any], tag_di
     fields = [("parallel.pipeline_stages", saved_stages, current["pipeline_stages"]),
               ("parallel.zero_stage", marker.get("zero_stage"), current["zero_stage"]),
               ("train.precision", marker.get("precision"), current["precision"]),
-              ("pipeline stage cuts", marker.get("pipeline_parts"), current["pipeline_parts"])]
+              ("pipeline stage cuts", marker.get("pipeline_parts"), current["pipeline_parts"]),
+              ("parallel.expert_parallel", marker.get("expert_parallel") or 1, current.get("expert_parallel", 1))]
     sharded = any(_FLAT_FILE.match(Path(name).name) for name in marker.get("files", {}))
     if sharded:  # DeepSpeed cannot re-partition optimizer shards for another data-parallel degree
         saved_world = int(marker.get("world_size") or saved_stages)
@@ -271,7 +272,7 @@ def layout_changes(marker: Mapping[str, Any], current: Mapping[str, Any], tag_di
 
 
 def _required_key(group: Optional[dict]) -> str:
-    return "momentum_buffer" if group is not None and group.get("name") == "muon" else "exp_avg"
+    return "momentum_buffer" if group is not None and group.get("kind", group.get("name")) == "muon" else "exp_avg"
 
 
 def _check_keys(saved: SavedTrainingState, name: str, required: str) -> None:

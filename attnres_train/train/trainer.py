@@ -27,6 +27,7 @@ from attnres_train.model.accounting import describe
 
 from .checkpoint import (
     FINGERPRINT_KEY,
+    read_checkpoint_file,
     MODEL_CONFIG_KEY,
     CheckpointError,
     CheckpointManager,
@@ -148,6 +149,7 @@ class Trainer:
             )
         # DeepSpeed's pipe x data topology numbers ranks data-fastest: rank = stage * dp_world + dp_rank.
         dp_world, dp_rank = ctx.world_size // stages, ctx.rank % (ctx.world_size // stages)
+        self._check_expert_parallel(dp_world, precision)
 
         tokenizer = build_tokenizer(self.data_cfg)
         if self.model_cfg.vocab_size < tokenizer.vocab_size:
@@ -196,6 +198,7 @@ class Trainer:
         flops_per_token = accounting["train_flops_per_token"]
         tokens_per_step = train.micro_batch_size * train.grad_accum_steps * dp_world * self.data_cfg.seq_len
         total_steps = target_steps(train, flops_per_token, tokens_per_step)
+        expert_group, expert_rank, expert_dispatches = self._shard_experts(model)
         trained_module, moe_layers = model, model.moe_layers()
         if stages > 1:
             trained_module = build_stage_module(
@@ -211,10 +214,11 @@ class Trainer:
         ds_config = deepspeed_config(train, self.parallel_cfg, grad_clip, precision, dp_world)
         engine = initialize_engine(trained_module, optimizer, lr_scheduler, ds_config)
         dp_group = engine.grid.get_data_parallel_group() if stages > 1 else None
-        pipeline_grad_norm = None
+        own_grad_norm = None
         if own_clipping:
-            pipeline_grad_norm = clip_by_global_norm(engine.optimizer, trained_module,
-                                                     engine.grid.get_pipe_parallel_group(), self.optim_cfg.grad_clip)
+            own_grad_norm = clip_by_global_norm(
+                engine.optimizer, trained_module, self.optim_cfg.grad_clip,
+                pipe_group=engine.grid.get_pipe_parallel_group() if stages > 1 else None, expert_group=expert_group)
 
         step, tokens_seen = 0, 0
         layout = self._layout(precision, dp_world, trained_module)
@@ -226,6 +230,11 @@ class Trainer:
                              "name", checkpoints.root_dir / resume_tag, "; ".join(changes))
                 restore = self._layout_change_restore(int(resume_marker.get("pipeline_stages") or 1), stages)
             client_state = checkpoints.load(engine, tag=resume_tag, restore=restore)
+            if expert_dispatches and not changes:  # DeepSpeed gave every rank rank 0's expert slice
+                from attnres_train.parallel.expert_parallel import load_expert_shard
+
+                load_expert_shard(checkpoints.root_dir / resume_tag, engine.module, self.parallel_cfg.expert_parallel,
+                                  expert_rank, lambda name: name, read_checkpoint_file)
             step = int(client_state["step"])
             tokens_seen = int(client_state["tokens_seen"])
             train_loader.load_state_dict(client_state["train_loader"])
@@ -273,6 +282,7 @@ class Trainer:
         try:
             window_start = time.perf_counter()
             window_steps = 0
+            window_all_to_all_bytes = 0
             train_batches = pipeline_batches(train_loader, ctx.device)
             while step < total_steps:
                 engine.train()
@@ -280,7 +290,7 @@ class Trainer:
                 if stages > 1:
                     # The pipeline loss already contains the MoE aux losses carried across the stages.
                     step_loss = float(engine.train_batch(data_iter=train_batches))
-                    grad_norm = pipeline_grad_norm() if pipeline_grad_norm is not None else None
+                    grad_norm = own_grad_norm() if own_grad_norm is not None else None
                 else:
                     for _ in range(train.grad_accum_steps):
                         batch = {k: v.to(ctx.device, non_blocking=True) for k, v in next(train_loader).items()}
@@ -292,7 +302,10 @@ class Trainer:
                         engine.step()
                         step_loss += lm_loss.item() / train.grad_accum_steps
                         step_aux += float(out.aux_loss.item()) / train.grad_accum_steps
+                    if own_grad_norm is not None:
+                        grad_norm = own_grad_norm()
                 step += 1
+                window_all_to_all_bytes += sum(d.take_bytes_sent() for d in expert_dispatches)
                 tokens_seen += tokens_per_step
                 window_steps += 1
                 moe_stats = self._update_moe_balance(moe_layers, ctx, dp_group)
@@ -315,6 +328,9 @@ class Trainer:
                     }
                     if moe_stats:
                         record["moe"] = moe_stats
+                    if expert_dispatches:  # this rank's dispatch + combine traffic, forward and backward
+                        record["expert_all_to_all_bytes_per_step"] = window_all_to_all_bytes / window_steps
+                        window_all_to_all_bytes = 0
                     logger.log(record)
                     logger.progress(step, last_loss, tokens_per_s)
                     window_start, window_steps = time.perf_counter(), 0
@@ -337,11 +353,13 @@ class Trainer:
                         )
                     window_start = time.perf_counter()
                     window_steps = 0
+                    for dispatch in expert_dispatches:  # validation traffic is not a training step's
+                        dispatch.take_bytes_sent()
 
                 stopped_by = self._agreed_stop(stop, ctx)
                 periodic = train.checkpoint_every and step % train.checkpoint_every == 0
                 if periodic or step == total_steps or stopped_by:
-                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader, layout)
+                    self._save(checkpoints, engine, ctx, step, tokens_seen, train_loader, layout, expert_rank)
                     window_start = time.perf_counter()
                     window_steps = 0
                 if stopped_by:
@@ -396,7 +414,50 @@ class Trainer:
         stages = self.parallel_cfg.pipeline_stages
         return {"pipeline_stages": stages, "pipeline_parts": list(trained_module.parts) if stages > 1 else None,
                 "zero_stage": self.parallel_cfg.zero_stage, "precision": precision, "data_parallel": dp_world,
-                "optimizer": self.optim_cfg.name}
+                "optimizer": self.optim_cfg.name, "expert_parallel": self.parallel_cfg.expert_parallel}
+
+    def _check_expert_parallel(self, dp_world: int, precision: str) -> None:
+        experts = self.parallel_cfg.expert_parallel
+        if experts == 1:
+            return
+        field = f"parallel.expert_parallel={experts}"
+        if "moe" not in self.model_cfg.mlp_kinds():
+            raise RunConfigError(f"{field}: the model has no MoE layers (model.mlp={self.model_cfg.mlp!r}, a dense "
+                                 "preset); expert parallelism needs an MoE model or parallel.expert_parallel=1")
+        if self.model_cfg.num_experts % experts:
+            raise RunConfigError(f"{field}: must divide model.num_experts={self.model_cfg.num_experts}")
+        if dp_world % experts:
+            raise RunConfigError(f"{field}: must divide the data-parallel degree ({dp_world} ranks)")
+        if precision == "bf16" and self.parallel_cfg.zero_stage == 0:
+            raise RunConfigError(f"{field} with train.precision=bf16 and parallel.zero_stage=0: DeepSpeed's bf16 "
+                                 "optimizer without ZeRO mis-counts expert gradient norms; use parallel=zero1 or zero2")
+
+    def _shard_experts(self, model) -> tuple:
+        """Expert parallelism: keep this rank's expert slices, install the all-to-all dispatch and tag the model
+        for DeepSpeed; returns ``(expert-parallel group, rank in it, dispatches)`` (None, 0, [] without it)."""
+        experts = self.parallel_cfg.expert_parallel
+        if experts == 1:
+            return None, 0, []
+        from attnres_train.parallel import expert_parallel
+
+        group, rank = expert_parallel.create_expert_groups(experts)
+        dispatches = expert_parallel.shard_experts(model, experts, rank, group)
+        expert_parallel.mark_expert_parameters(model, experts)
+        model.add_module("expert_parallel_marker",
+                         expert_parallel.deepspeed_moe_marker(self.model_cfg.num_experts, experts))
+        return group, rank, dispatches
+
+    def _expert_shard_files(self, engine, expert_rank: int) -> dict:
+        """The expert slice this rank saves (the first replica of each slice saves it)."""
+        experts = self.parallel_cfg.expert_parallel
+        if experts == 1:
+            return {}
+        from attnres_train.parallel import expert_parallel
+
+        if expert_parallel.expert_data_parallel_rank(experts) != 0:
+            return {}
+        return {expert_parallel.shard_file_name(expert_rank, experts):
+                expert_parallel.expert_shard_state(engine.module, lambda name: name)}
 
     def _layout_change_restore(self, saved_stages: int, stages: int):
         from .reshard import SavedTrainingState, restore_engine
@@ -419,7 +480,8 @@ class Trainer:
             )
         return target.name
 
-    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, layout):
+    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, layout,
+              expert_rank: int = 0):
         stages = self.parallel_cfg.pipeline_stages
         to_model_name = model_names(self.model_cfg.num_layers, stages)
         client_state = {
@@ -428,14 +490,15 @@ class Trainer:
             "train_loader": train_loader.state_dict(),
             "world_size": ctx.world_size,
             **{key: layout[key] for key in ("pipeline_stages", "pipeline_parts", "zero_stage", "precision",
-                                            "optimizer")},
+                                            "optimizer", "expert_parallel")},
             # This rank's optimizer order (its stage's, under pipelining; DeepSpeed stores each stage's client
             # state with that stage's files): lets another layout match unpartitioned optimizer state by name.
             OPTIMIZER_NAMES_KEY: [[to_model_name(name) for name in group]
                                   for group in param_group_names(engine.module, self.optim_cfg)],
             **model_config_state(self.model_cfg.to_dict()),
         }
-        checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()})
+        checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()},
+                         rank_files=self._expert_shard_files(engine, expert_rank))
 
     @staticmethod
     def _agreed_stop(stop: StopRequested, ctx: DistributedContext) -> Optional[str]:
