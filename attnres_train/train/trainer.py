@@ -228,7 +228,8 @@ class Trainer:
             if changes:  # saved under another layout: read it back by parameter name
                 _log.warning("checkpoint %s was saved under another parallel layout (%s): resuming it by parameter "
                              "name", checkpoints.root_dir / resume_tag, "; ".join(changes))
-                restore = self._layout_change_restore(int(resume_marker.get("pipeline_stages") or 1), stages)
+                restore = self._layout_change_restore(int(resume_marker.get("pipeline_stages") or 1), stages,
+                                                      int(resume_marker.get("expert_parallel") or 1), expert_rank)
             client_state = checkpoints.load(engine, tag=resume_tag, restore=restore)
             if expert_dispatches and not changes:  # DeepSpeed gave every rank rank 0's expert slice
                 from attnres_train.parallel.expert_parallel import load_expert_shard
@@ -459,14 +460,17 @@ class Trainer:
         return {expert_parallel.shard_file_name(expert_rank, experts):
                 expert_parallel.expert_shard_state(engine.module, lambda name: name)}
 
-    def _layout_change_restore(self, saved_stages: int, stages: int):
+    def _layout_change_restore(self, saved_stages: int, stages: int, saved_experts: int, expert_rank: int):
         from .reshard import SavedTrainingState, restore_engine
 
         num_layers = self.model_cfg.num_layers
         to_model_name = model_names(num_layers, stages)
+        experts = self.parallel_cfg.expert_parallel
+        expert_slice = (expert_rank, experts) if experts > 1 else None
 
         def restore(engine, tag_dir):
-            return restore_engine(engine, SavedTrainingState(tag_dir, saved_stages, num_layers), to_model_name)
+            saved = SavedTrainingState(tag_dir, saved_stages, num_layers, expert_parallel=saved_experts)
+            return restore_engine(engine, saved, to_model_name, expert_slice)
 
         return restore
 
