@@ -65,8 +65,12 @@ def load_for_generation(path: str | Path, device: str | torch.device = "cpu",
 
 
 def _read_export_file(path: Path) -> tuple[dict, dict]:
+    from attnres_train.train.checkpoint import CheckpointError, load_weights_only
+
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload = load_weights_only(path)  # weights-only: a planted pickle payload is refused, not run
+    except CheckpointError as exc:
+        raise GenerationError(str(exc)) from None
     except Exception as exc:  # a zip/pickle error of any kind means: not a torch file
         raise GenerationError(f"{path}: not a model export (torch.load failed: {type(exc).__name__})") from None
     if not (isinstance(payload, dict) and isinstance(payload.get("model_config"), dict)

@@ -55,7 +55,14 @@ class ModelSource:
 def read_model_source(path: Path | str) -> ModelSource:
     path = Path(path)
     if path.is_file() and path.suffix == ".pt":
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        from attnres_train.train.checkpoint import CheckpointError, load_weights_only
+
+        try:
+            payload = load_weights_only(path)
+        except CheckpointError as exc:
+            raise InteropError(str(exc)) from None
+        except Exception as exc:  # a zip/pickle error of any kind means: not a torch file
+            raise InteropError(f"{path}: not a model file ({type(exc).__name__}: {exc})") from None
         if not isinstance(payload, dict) or "model_config" not in payload:
             raise InteropError(f"{path}: not a model file written by attnres_train.train.export")
         cfg = _model_config(with_legacy_fields(payload["model_config"]), path)

@@ -25,6 +25,12 @@ Routing (per token, in fp32 or wider): ``scores = sigmoid(x @ gate.weight.T)`` (
 ``scores + expert_bias``; combine weights ``= scores[selected] / sum(scores[selected]) * routed_scaling_factor``.
 Dropless: every token is processed by exactly ``top_k`` routed experts and by the shared experts; there is no
 capacity factor. Dispatch sorts the N*K pairs by expert once, gathers, runs three grouped GEMMs and un-sorts.
+
+Expert parallelism: the module itself is single-device code. A parallel engine may give it an
+``expert_dispatch`` (``attnres_train.parallel.expert_parallel``) and keep only a contiguous slice of the experts in
+``w_gate``/``w_up``/``w_down``; the dispatch then carries the expert-sorted pairs to the ranks owning their experts,
+runs :meth:`expert_ffn` there on the local slice and brings the outputs back in the same order. Router, bias,
+load counters and shared experts always cover all E experts on every rank.
 """
 
 from __future__ import annotations
@@ -116,6 +122,8 @@ class MoE(nn.Module):
         )
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32), persistent=True)
         self.register_buffer("tokens_per_expert", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        # Set by a parallel engine (expert parallelism): callable(x_sorted_RD, pairs_per_expert_E, expert_ffn).
+        self.expert_dispatch = None
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------------------------
@@ -204,10 +212,10 @@ class MoE(nn.Module):
         token_of_sorted_R = torch.div(sorted_pairs_R, self.top_k, rounding_mode="floor")
         x_sorted_RD = x_ND.to(compute_dtype).index_select(0, token_of_sorted_R)
 
-        impl = self.grouped_mm_impl
-        gate_RF = grouped_mm(x_sorted_RD, self.w_gate.to(compute_dtype), pairs_per_expert_E, impl)
-        up_RF = grouped_mm(x_sorted_RD, self.w_up.to(compute_dtype), pairs_per_expert_E, impl)
-        y_sorted_RD = grouped_mm(F.silu(gate_RF) * up_RF, self.w_down.to(compute_dtype), pairs_per_expert_E, impl)
+        if self.expert_dispatch is None:
+            y_sorted_RD = self.expert_ffn(x_sorted_RD, pairs_per_expert_E)
+        else:
+            y_sorted_RD = self.expert_dispatch(x_sorted_RD, pairs_per_expert_E, self.expert_ffn)
 
         # Un-sort with a gather (a permutation, so its backward has no colliding writes: deterministic).
         unsort_R = torch.empty_like(sorted_pairs_R)
@@ -215,6 +223,14 @@ class MoE(nn.Module):
         y_NKD = y_sorted_RD.index_select(0, unsort_R).view(N, self.top_k, D)
         # Broadcast multiply + sum: einsum lowers this to a tiny-matrix bmm that is ~6x slower on CPU.
         return (y_NKD * combine_weights_NK.to(compute_dtype).unsqueeze(-1)).sum(dim=1)
+
+    def expert_ffn(self, x_sorted_RD: torch.Tensor, pairs_per_expert_L: torch.Tensor) -> torch.Tensor:
+        """The SwiGLU of the experts this module holds (L = ``w_gate.shape[0]``, all E without expert
+        parallelism) on pairs sorted by expert, ``pairs_per_expert_L`` rows each; computes in ``x``'s dtype."""
+        dtype, impl = x_sorted_RD.dtype, self.grouped_mm_impl
+        gate_RF = grouped_mm(x_sorted_RD, self.w_gate.to(dtype), pairs_per_expert_L, impl)
+        up_RF = grouped_mm(x_sorted_RD, self.w_up.to(dtype), pairs_per_expert_L, impl)
+        return grouped_mm(F.silu(gate_RF) * up_RF, self.w_down.to(dtype), pairs_per_expert_L, impl)
 
     def sequence_balance_loss(self, scores_BTE: torch.Tensor, expert_ids_BTK: torch.Tensor) -> torch.Tensor:
         """DeepSeek-V3 sequence-wise balance loss (without ``alpha``), averaged over batch rows.

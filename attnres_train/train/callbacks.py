@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -128,12 +128,15 @@ class MetricsRecording:
     """A metrics.jsonl record every ``log_every`` steps, at the last step, and at every skipped step."""
 
     def __init__(self, logger, log_every: int, lr_scheduler, grad_norm_fallback: Callable[[], Optional[float]],
-                 ctx, peak_flops: Optional[float]):
+                 ctx, peak_flops: Optional[float], expert_dispatches: Sequence = ()):
         self.logger, self.log_every, self.lr_scheduler = logger, log_every, lr_scheduler
         self.grad_norm_fallback, self.ctx, self.peak_flops = grad_norm_fallback, ctx, peak_flops
+        self.expert_dispatches = expert_dispatches
+        self.window_all_to_all_bytes = 0
 
     def on_step_end(self, state: TrainState) -> None:
         result = state.result
+        self.window_all_to_all_bytes += sum(d.take_bytes_sent() for d in self.expert_dispatches)
         if not (state.step % self.log_every == 0 or state.is_last_step or result.skipped):
             return
         elapsed = state.speed.seconds()
@@ -155,6 +158,9 @@ class MetricsRecording:
             record["skipped_update"] = True
         if state.moe_stats:
             record["moe"] = state.moe_stats
+        if self.expert_dispatches:  # this rank's dispatch + combine traffic, forward and backward
+            record["expert_all_to_all_bytes_per_step"] = self.window_all_to_all_bytes / steps
+            self.window_all_to_all_bytes = 0
         self.logger.log(record)
         self.logger.progress(state.step, result.loss, tokens_per_s)
         state.speed.restart()
@@ -164,9 +170,11 @@ class Validation:
     """Validation loss per source (and its mixture-weighted mean) every ``val_every`` steps and at the end; the
     first batch also gives the AttnRes diagnostics on the non-pipelined path."""
 
-    def __init__(self, engine, val_loader, val_every: int, val_batches: int, ctx, logger, pipelined: bool):
+    def __init__(self, engine, val_loader, val_every: int, val_batches: int, ctx, logger, pipelined: bool,
+                 expert_dispatches: Sequence = ()):
         self.engine, self.val_loader, self.ctx, self.logger = engine, val_loader, ctx, logger
         self.val_every, self.val_batches, self.pipelined = val_every, val_batches, pipelined
+        self.expert_dispatches = expert_dispatches
 
     def on_step_end(self, state: TrainState) -> None:
         due = self.val_every and (state.step % self.val_every == 0 or state.is_last_step)
@@ -188,6 +196,8 @@ class Validation:
                     record["attnres_embedding_weight_mean"] = sum(w[0] for w in weights) / len(weights)
             self.logger.log(record)
             self.logger.message(f"step {state.step}: val_loss={state.last_val:.4f}")
+        for dispatch in self.expert_dispatches:  # validation traffic is not a training step's
+            dispatch.take_bytes_sent()
         state.speed.restart()
 
     def _losses(self) -> tuple[dict[str, float], Any]:

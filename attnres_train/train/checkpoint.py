@@ -379,12 +379,14 @@ class CheckpointManager:
 
     # --- save -----------------------------------------------------------------------------------------------
 
-    def save(self, engine: Any, step: int, client_state: dict, rank_state: Optional[dict] = None) -> Path:
+    def save(self, engine: Any, step: int, client_state: dict, rank_state: Optional[dict] = None,
+             rank_files: Optional[Mapping[str, dict]] = None) -> Path:
         """Write a checkpoint of ``engine`` after ``step`` steps and commit it; returns its tag directory.
 
         Collective: every rank calls it. ``client_state`` (rank 0's is the one stored, as in DeepSpeed) comes
         back from ``load``; ``rank_state`` is stored per rank and comes back from ``load_rank_state`` -- use it
-        for state that differs between ranks, such as ``capture_rng_state()``.
+        for state that differs between ranks, such as ``capture_rng_state()``. ``rank_files`` ({file name:
+        state}) are further files this rank writes into the tag directory (expert-parallel weight slices).
 
         If the write fails on a rank, that rank raises CheckpointError (the tag stays incomplete, the previous
         checkpoint stays the newest) and the other ranks wait in the next barrier until the process group's
@@ -417,6 +419,9 @@ class CheckpointManager:
             if rank_state is not None:
                 tag_dir.mkdir(parents=True, exist_ok=True)
                 atomic_write(self._rank_state_path(tag_dir, self.rank), lambda handle: torch.save(rank_state, handle))
+            for name, state in (rank_files or {}).items():
+                tag_dir.mkdir(parents=True, exist_ok=True)
+                atomic_write(tag_dir / name, lambda handle, state=state: torch.save(state, handle))
         except Exception as error:
             previous = self.latest()
             # Incomplete, so never loadable; removing it now gives the space back and leaves no partial file.
@@ -489,6 +494,7 @@ class CheckpointManager:
             "zero_stage": client_state.get("zero_stage"),
             "precision": client_state.get("precision"),
             "pipeline_parts": client_state.get("pipeline_parts"),
+            "expert_parallel": client_state.get("expert_parallel"),
             "optimizer": client_state.get("optimizer"),
             "config_fingerprint": client_state.get(FINGERPRINT_KEY),
             # Lets a resume name the differing fields before DeepSpeed reads any tensor (no shape traceback).

@@ -71,7 +71,12 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     module = read_checkpoint_file(path, mmap=True).get("module")
     if not module:
         raise CheckpointError(f"{path}: holds no module weights")
-    return dict(module)
+    from attnres_train.parallel.expert_parallel import merge_expert_shards
+
+    try:  # expert parallelism: rank 0's module holds only its expert slice; the shards hold them all
+        return merge_expert_shards(tag_dir, dict(module), lambda shard: read_checkpoint_file(shard, mmap=True))
+    except FileNotFoundError as exc:
+        raise CheckpointError(str(exc)) from exc
 
 
 def zero3_module_state(tag_dir: Path, model_states: dict) -> dict:

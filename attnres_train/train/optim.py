@@ -231,7 +231,20 @@ def param_group_names(model: nn.Module, cfg: OptimConfig) -> list[list[str]]:
     order (what a torch optimizer's ``state_dict`` numbers ``0..N-1``); checkpoints record it so optimizer state
     can be matched by name when a run resumes under another layout."""
     assigned = _assign_groups(model, cfg)
-    return [[name for name, _ in assigned[group]] for group in GROUP_NAMES if assigned[group]]
+    return [[name for name, _ in members] for group in GROUP_NAMES for members in _expert_split(assigned[group])]
+
+
+def _is_expert_param(param: nn.Parameter) -> bool:
+    # DeepSpeed's marking of expert-parallel parameters (attnres_train.parallel.expert_parallel).
+    return getattr(param, "allreduce", True) is False
+
+
+def _expert_split(members: list[tuple[str, nn.Parameter]]) -> list[list[tuple[str, nn.Parameter]]]:
+    """A group's members as [shared, expert-parallel] sub-lists (empty ones left out): DeepSpeed reduces and
+    partitions an expert-parallel group over its expert-data-parallel ranks, so the two may not share a group."""
+    shared = [(n, p) for n, p in members if not _is_expert_param(p)]
+    expert = [(n, p) for n, p in members if _is_expert_param(p)]
+    return [part for part in (shared, expert) if part]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,7 +443,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     ``name=adamw``: one ``torch.optim.AdamW`` with groups ``adamw_decay`` / ``adamw_no_decay``.
     ``name=muon``: a ``CompositeOptimizer`` of ``StackedMuon`` (group ``muon``, lr ``cfg.muon_lr or cfg.lr``)
     and AdamW (the other two groups). Each group's dict carries its ``name`` and its peak ``lr``; an LR
-    scheduler records that peak as ``initial_lr`` and scales it. Empty groups are left out.
+    scheduler records that peak as ``initial_lr`` and scales it. Empty groups are left out. Under expert
+    parallelism each group is split in two, the expert part marked ``moe=True`` with DeepSpeed's expert group
+    under ``name`` and the group's own name under ``kind``.
     """
     cfg.validate()
     assigned = _assign_groups(model, cfg)
@@ -438,10 +453,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     lr_for = {"muon": cfg.peak_muon_lr, "adamw_decay": cfg.lr, "adamw_no_decay": cfg.lr}
 
     def group(name: str) -> list[dict[str, Any]]:
-        members = assigned[name]
-        if not members:
-            return []
-        return [{"params": [p for _, p in members], "name": name, "lr": lr_for[name], "weight_decay": decay_for[name]}]
+        out = []
+        for members in _expert_split(assigned[name]):
+            entry = {"params": [p for _, p in members], "name": name, "lr": lr_for[name],
+                     "weight_decay": decay_for[name]}
+            if _is_expert_param(members[0][1]):
+                # DeepSpeed's MoE group convention: 'moe' and the expert group's name under 'name'.
+                entry.update(moe=True, name=members[0][1].group_name, kind=name)
+            out.append(entry)
+        return out
 
     adamw_groups = group("adamw_decay") + group("adamw_no_decay")
     muon_groups = group("muon")

@@ -110,34 +110,48 @@ def pipeline_batches(loader, device: torch.device):
 def needs_own_clipping(parallel: ParallelConfig, precision: str) -> bool:
     """fp32 ZeRO-0 pipelines: DeepSpeed's ``clip_grad_norm_`` there counts only the first stage's gradients in
     the norm (it treats the pipeline group as tensor-parallel replicas of stage 0), so every stage would clip by
-    the wrong norm. The trainer disables DeepSpeed's clipping and installs :func:`clip_by_global_norm` instead.
-    (ZeRO and the bf16 optimizers compute the norm over all stages correctly.)"""
-    return parallel.pipeline_stages > 1 and parallel.zero_stage == 0 and precision == "fp32"
+    the wrong norm. ZeRO-0 under expert parallelism: it averages the ranks' norms, each of which counts only
+    that rank's experts. The trainer then disables DeepSpeed's clipping and installs :func:`clip_by_global_norm`
+    instead. (ZeRO and the bf16 optimizers compute the norm over all stages and experts correctly.)"""
+    if parallel.zero_stage != 0:
+        return False
+    return (parallel.pipeline_stages > 1 and precision == "fp32") or parallel.expert_parallel > 1
 
 
-def clip_by_global_norm(optimizer: torch.optim.Optimizer, module: torch.nn.Module, pipe_group,
-                        max_norm: float) -> Callable[[], Optional[float]]:
-    """Before each ``optimizer.step()``, scale this stage's gradients by ``min(1, max_norm / global norm)``,
-    the norm taken over every stage's gradients (a tied copy on a later stage counted once); returns a function
-    giving the last step's unclipped global norm. Data-parallel replicas hold equal, averaged gradients by then."""
+def clip_by_global_norm(optimizer: torch.optim.Optimizer, module: torch.nn.Module, max_norm: float,
+                        pipe_group=None, expert_group=None) -> Callable[[], Optional[float]]:
+    """Before each ``optimizer.step()``, scale this rank's gradients by ``min(1, max_norm / global norm)``,
+    the norm taken over every stage's gradients (a tied copy on a later stage counted once) and every expert
+    once (expert-parallel slices summed over ``expert_group``); returns a function giving the last step's
+    unclipped global norm. Data-parallel replicas hold equal, averaged gradients by then."""
     import torch.distributed as dist
 
-    params = [p for p in module.parameters() if p.requires_grad and not getattr(p, "ds_pipe_replicated", False)]
-    replicated = [p for p in module.parameters() if p.requires_grad and getattr(p, "ds_pipe_replicated", False)]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    experts = [p for p in trainable if getattr(p, "allreduce", True) is False]
+    expert_ids = {id(p) for p in experts}
+    shared = [p for p in trainable if not getattr(p, "ds_pipe_replicated", False) and id(p) not in expert_ids]
     last: dict[str, float] = {}
 
+    def squares_of(params, device):
+        total = torch.zeros((), device=device, dtype=torch.float32)
+        for p in params:
+            if p.grad is not None:
+                total += p.grad.detach().float().pow(2).sum()
+        return total
+
     def clip(_optimizer, _args, _kwargs):
-        grads = [p.grad for p in params if p.grad is not None]
-        device = grads[0].device if grads else next(module.parameters()).device
-        squares = torch.zeros((), device=device, dtype=torch.float32)
-        for grad in grads:
-            squares += grad.detach().float().pow(2).sum()
-        dist.all_reduce(squares, group=pipe_group)
+        device = trainable[0].device
+        expert_squares = squares_of(experts, device)
+        if expert_group is not None:
+            dist.all_reduce(expert_squares, group=expert_group)
+        squares = squares_of(shared, device) + expert_squares
+        if pipe_group is not None:
+            dist.all_reduce(squares, group=pipe_group)
         norm = squares.sqrt()
         last["norm"] = float(norm)
         scale = max_norm / (float(norm) + 1e-6) if max_norm > 0 else 1.0  # 0: clipping off, norm still logged
         if scale < 1.0:
-            for p in params + replicated:
+            for p in trainable:
                 if p.grad is not None:
                     p.grad.detach().mul_(scale)
 

@@ -35,6 +35,7 @@ from .export import saved_module_state
 logger = logging.getLogger(__name__)
 
 OPTIMIZER_NAMES_KEY = "optimizer_param_names"
+_EXPERT_WEIGHT_NAMES = ("w_gate", "w_up", "w_down")  # attnres_train.parallel.expert_parallel.EXPERT_WEIGHT_NAMES
 _FLAT_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 
 
@@ -55,8 +56,9 @@ def _as_step(value: Any) -> float:
 class SavedTrainingState:
     """The training state of one saved checkpoint tag, addressable by plain-model parameter name."""
 
-    def __init__(self, tag_dir: Path, pipeline_stages: int, num_layers: int) -> None:
+    def __init__(self, tag_dir: Path, pipeline_stages: int, num_layers: int, expert_parallel: int = 1) -> None:
         self.tag_dir = Path(tag_dir)
+        self.expert_parallel = expert_parallel
         self.pipeline_stages = pipeline_stages
         self.num_layers = num_layers
         self.to_model_name = model_names(num_layers, pipeline_stages)
@@ -164,6 +166,10 @@ class SavedTrainingState:
         if not any(existing_offset == offset for existing_offset, _, _ in pieces):
             pieces.append((offset, flat.numel(), flat))
 
+    def _is_expert_slice(self, name: str) -> bool:
+        """Saved as one slice per expert-parallel rank (rank r: experts [r*L, (r+1)*L), contiguous when flat)."""
+        return self.expert_parallel > 1 and name.rsplit(".", 1)[-1] in _EXPERT_WEIGHT_NAMES
+
     def _index_flat_partitions(self, stage: int) -> None:
         shapes: dict[str, torch.Size] = {}
         for shape_group in self._stage_states[stage].get("param_shapes") or []:
@@ -171,8 +177,12 @@ class SavedTrainingState:
                 shapes[self.to_model_name(name)] = torch.Size(shape)
         if not shapes:  # DeepSpeed's BF16 optimizer without ZeRO records none: the module files have them
             shapes = {name: value.shape for name, value in self.module_state().items()}
-        filled: dict[str, int] = {}
-        for path in self._flat_files[stage]:  # data-parallel rank order: fragments follow each other
+        shapes = {name: (torch.Size((shape[0] * self.expert_parallel, *shape[1:])) if self._is_expert_slice(name)
+                         else shape) for name, shape in shapes.items()}
+        filled: dict[Any, int] = {}
+        for dp_rank, path in enumerate(self._flat_files[stage]):  # rank order: fragments follow each other
+            # Expert-parallel ranks are consecutive: an expert slice is partitioned over the ranks holding it.
+            expert_rank = dp_rank % self.expert_parallel
             state = read_checkpoint_file(path, mmap=True).get("optimizer_state_dict", {})
             mappings = state.get("param_slice_mappings")
             if mappings is None:
@@ -187,8 +197,11 @@ class SavedTrainingState:
                     if name not in shapes:
                         raise CheckpointError(f"checkpoint {self._stage_files[stage]}: no recorded shape for {name}")
                     self._shapes[name] = shapes[name]
-                    offset = filled.get(name, 0)
-                    filled[name] = offset + address.numel
+                    key = (name, expert_rank) if self._is_expert_slice(name) else name
+                    offset = filled.get(key, 0)
+                    filled[key] = offset + address.numel
+                    if self._is_expert_slice(name):
+                        offset += expert_rank * shapes[name].numel() // self.expert_parallel
                     self._add_piece(name, "master", offset, flat_master.narrow(0, address.start, address.numel))
                     for key, value in group_state.items():
                         # DeepSpeed saves the fp32 partition without the group's end padding, the moments with it.
@@ -196,7 +209,11 @@ class SavedTrainingState:
                             self._add_piece(name, key, offset, value.narrow(0, address.start, address.numel))
                         elif key == "step":
                             self._steps[name] = _as_step(value)
-        for name, count in filled.items():
+        totals: dict[str, int] = {}
+        for key, count in filled.items():
+            name = key[0] if isinstance(key, tuple) else key
+            totals[name] = totals.get(name, 0) + count
+        for name, count in totals.items():
             if count != self._shapes[name].numel():
                 raise CheckpointError(
                     f"checkpoint {self.tag_dir}: the optimizer partitions of stage {stage} hold {count} of the "
@@ -221,15 +238,25 @@ class SavedTrainingState:
                 f"checkpoint file {path}: {len(flat_names)} recorded parameter names for an optimizer of "
                 f"{sum(len(g['params']) for g in optimizer['param_groups'])} parameters")
         module = None if masters is not None else self.module_state()
+        # Expert parallelism: DeepSpeed writes each expert-parallel rank's whole optimizer to its own file.
+        expert_optimizers = {0: optimizer}
+        for expert_rank in range(1, self.expert_parallel):
+            expert_file = self.tag_dir / f"expp_rank_{expert_rank}_mp_rank_{stage:02d}_optim_states.pt"
+            if not expert_file.is_file():
+                raise CheckpointError(f"checkpoint {self.tag_dir}: {expert_file.name} is missing")
+            expert_optimizers[expert_rank] = read_checkpoint_file(expert_file, mmap=True)["optimizer"]
         for index, name in enumerate(flat_names):
             master = masters[index] if masters is not None else module[name]
             self._shapes[name] = master.shape
             self._add_piece(name, "master", 0, master.reshape(-1))
-            for key, value in optimizer["state"].get(index, {}).items():
-                if torch.is_tensor(value) and value.dim() > 0:
-                    self._add_piece(name, key, 0, value.reshape(-1))
-                else:
-                    self._steps[name] = _as_step(value)
+            ranks = range(self.expert_parallel) if self._is_expert_slice(name) else range(1)
+            for expert_rank in ranks:
+                offset = expert_rank * master.numel() // self.expert_parallel
+                for key, value in expert_optimizers[expert_rank]["state"].get(index, {}).items():
+                    if torch.is_tensor(value) and value.dim() > 0:
+                        self._add_piece(name, key, offset, value.reshape(-1))
+                    else:
+                        self._steps[name] = _as_step(value)
 
 
 # --- deciding ---------------------------------------------------------------------------------------------------
@@ -250,7 +277,8 @@ def layout_changes(marker: Mapping[str, Any], current: Mapping[str, Any], tag_di
     fields = [("parallel.pipeline_stages", saved_stages, current["pipeline_stages"]),
               ("parallel.zero_stage", marker.get("zero_stage"), current["zero_stage"]),
               ("train.precision", marker.get("precision"), current["precision"]),
-              ("pipeline stage cuts", marker.get("pipeline_parts"), current["pipeline_parts"])]
+              ("pipeline stage cuts", marker.get("pipeline_parts"), current["pipeline_parts"]),
+              ("parallel.expert_parallel", marker.get("expert_parallel") or 1, current.get("expert_parallel", 1))]
     sharded = any(_FLAT_FILE.match(Path(name).name) for name in marker.get("files", {}))
     if sharded:  # DeepSpeed cannot re-partition optimizer shards for another data-parallel degree
         saved_world = int(marker.get("world_size") or saved_stages)
@@ -271,7 +299,7 @@ def layout_changes(marker: Mapping[str, Any], current: Mapping[str, Any], tag_di
 
 
 def _required_key(group: Optional[dict]) -> str:
-    return "momentum_buffer" if group is not None and group.get("name") == "muon" else "exp_avg"
+    return "momentum_buffer" if group is not None and group.get("kind", group.get("name")) == "muon" else "exp_avg"
 
 
 def _check_keys(saved: SavedTrainingState, name: str, required: str) -> None:
@@ -290,13 +318,14 @@ def _group_of(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> Optional
 
 
 def _restore_plain(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Parameter], saved: SavedTrainingState,
-                   step_shift: int, masters: Optional[Mapping[int, torch.Tensor]] = None) -> None:
+                   step_shift: int, masters: Optional[Mapping[int, torch.Tensor]] = None,
+                   starts: Mapping[str, int] = {}) -> None:
     """An unpartitioned torch optimizer; ``masters`` maps a model parameter's id to its fp32 copy, if any.
     One parameter at a time, so only one parameter's full state is in memory at once."""
     for name, param in params.items():
         target = masters[id(param)] if masters is not None else param
         _check_keys(saved, name, _required_key(_group_of(optimizer, target)))
-        values = saved.read(name)
+        values = saved.read(name, starts.get(name, 0), param.numel())
         master = values.pop("master").view(param.shape)
         with torch.no_grad():
             target.copy_(master)
@@ -310,13 +339,13 @@ def _restore_plain(optimizer: torch.optim.Optimizer, params: Mapping[str, nn.Par
 
 
 def _restore_flat(optimizer: Any, params: Mapping[str, nn.Parameter], saved: SavedTrainingState,
-                  step_shift: int) -> None:
+                  step_shift: int, starts: Mapping[str, int] = {}) -> None:
     """ZeRO-1/2 or DeepSpeed's BF16 optimizer: each parameter maps to a fragment of a flat fp32 partition; only
     that fragment of its optimizer state is read."""
     base = optimizer.optimizer
     for name, param in params.items():
         # Every rank holds the whole working copy; its partition holds only a fragment of the rest.
-        master = saved.read(name, keys=("master",))["master"]
+        master = saved.read(name, starts.get(name, 0), param.numel(), keys=("master",))["master"]
         with torch.no_grad():
             param.copy_(master.view(param.shape))
         mapping = getattr(param, "_hp_mapping", None)
@@ -328,7 +357,7 @@ def _restore_flat(optimizer: Any, params: Mapping[str, nn.Parameter], saved: Sav
         flat_param = base.param_groups[mapping.param_group_index]["params"][0]
         with torch.no_grad():
             mapping.hp_fragment.copy_(master.narrow(0, start, numel))
-        values = saved.read(name, start, numel, keys=saved.optimizer_keys(name))
+        values = saved.read(name, starts.get(name, 0) + start, numel, keys=saved.optimizer_keys(name))
         state = base.state[flat_param]
         for key, value in values.items():
             if torch.is_tensor(value):
@@ -359,16 +388,27 @@ def _restore_schedule(scheduler: Any, saved_state: Optional[dict]) -> None:
     scheduler._last_lr = lrs
 
 
-def restore_engine(engine: Any, saved: SavedTrainingState, to_model_name: Callable[[str], str]) -> dict:
+def restore_engine(engine: Any, saved: SavedTrainingState, to_model_name: Callable[[str], str],
+                   expert_slice: Optional[tuple[int, int]] = None) -> dict:
     """Write ``saved`` into ``engine`` (weights, buffers, optimizer, LR schedule, step counters); returns the
-    client state. ``to_model_name`` translates the engine module's parameter names to plain-model names."""
+    client state. ``to_model_name`` translates the engine module's parameter names to plain-model names.
+    ``expert_slice = (expert-parallel rank, degree)``: the engine's routed-expert weights hold that slice of
+    the experts (parameters marked ``allreduce = False``)."""
     module = engine.module
     params = {to_model_name(name): param for name, param in module.named_parameters() if param.requires_grad}
+    starts: dict[str, int] = {}
+    if expert_slice is not None:
+        expert_rank, degree = expert_slice
+        starts = {name: expert_rank * param.numel() for name, param in params.items()
+                  if getattr(param, "allreduce", True) is False}
     for name, param in params.items():
-        if saved.shape(name) != param.shape:
+        expected = param.shape
+        if name in starts:
+            expected = torch.Size((param.shape[0] * expert_slice[1], *param.shape[1:]))
+        if saved.shape(name) != expected:
             raise CheckpointError(
                 f"checkpoint {saved.tag_dir}: {name} has shape {tuple(saved.shape(name))}, this model "
-                f"{tuple(param.shape)}")
+                f"{tuple(expected)}")
     module_state = saved.module_state()
     with torch.no_grad():
         for name, buffer in module.named_buffers():
@@ -380,13 +420,13 @@ def restore_engine(engine: Any, saved: SavedTrainingState, to_model_name: Callab
     unfused_bf16 = hasattr(optimizer, "fp32_groups") and hasattr(optimizer, "fp16_groups")
     step_shift = int(unfused_bf16) - saved.init_step_offset
     if any(getattr(param, "_hp_mapping", None) is not None for param in params.values()):
-        _restore_flat(optimizer, params, saved, step_shift)
+        _restore_flat(optimizer, params, saved, step_shift, starts)
     elif unfused_bf16:
         masters = {id(low): high for lows, highs in zip(optimizer.fp16_groups, optimizer.fp32_groups)
                    for low, high in zip(lows, highs)}
-        _restore_plain(optimizer.optimizer, params, saved, step_shift, masters)
+        _restore_plain(optimizer.optimizer, params, saved, step_shift, masters, starts)
     elif isinstance(optimizer, torch.optim.Optimizer):
-        _restore_plain(optimizer, params, saved, step_shift)
+        _restore_plain(optimizer, params, saved, step_shift, starts=starts)
     else:
         raise CheckpointError(
             f"cannot write optimizer state into a {type(optimizer).__name__} (supported: torch optimizers under "

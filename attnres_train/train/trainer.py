@@ -45,6 +45,7 @@ from .callbacks import (
 )
 from .checkpoint import (
     FINGERPRINT_KEY,
+    read_checkpoint_file,
     MODEL_CONFIG_KEY,
     RUN_CONFIG_KEY,
     CheckpointError,
@@ -118,9 +119,9 @@ def _typed(section: Any, cls):
 class MicroBatchStep:
     """One optimizer step as ``grad_accum_steps`` forward/backward passes through the DeepSpeed engine."""
 
-    def __init__(self, engine, train_loader, grad_accum_steps: int, guard: NonFiniteStepGuard, ctx):
+    def __init__(self, engine, train_loader, grad_accum_steps: int, own_grad_norm, guard: NonFiniteStepGuard, ctx):
         self.engine, self.train_loader, self.grad_accum_steps = engine, train_loader, grad_accum_steps
-        self.guard, self.ctx = guard, ctx
+        self.own_grad_norm, self.guard, self.ctx = own_grad_norm, guard, ctx
 
     def __call__(self) -> StepResult:
         engine, ctx = self.engine, self.ctx
@@ -137,6 +138,10 @@ class MicroBatchStep:
             engine.step()
             loss += micro_loss / self.grad_accum_steps
             aux += float(out.aux_loss.item()) / self.grad_accum_steps
+        if self.own_grad_norm is not None:  # the trainer's own clipping measured it (expert parallelism)
+            grad_norm = self.own_grad_norm()
+        if self.guard.skipped_last_step:
+            grad_norm = None  # a skipped step's norm was never measured (or was not finite)
         return StepResult(loss=ctx.mean_over_ranks(loss), aux_loss=ctx.mean_over_ranks(aux),
                           grad_norm=_finite_or_none(grad_norm), skipped=self.guard.skipped_last_step)
 
@@ -151,7 +156,7 @@ class PipelineStep:
 
     def __call__(self) -> StepResult:
         loss = float(self.engine.train_batch(data_iter=self.train_batches))
-        grad_norm = self.grad_norm() if self.grad_norm is not None else None
+        grad_norm = self.grad_norm() if self.grad_norm is not None and not self.guard.skipped_last_step else None
         return StepResult(loss=self.ctx.mean_over_ranks(loss), aux_loss=0.0, grad_norm=_finite_or_none(grad_norm),
                           skipped=self.guard.skipped_last_step)
 
@@ -224,6 +229,7 @@ class Trainer:
             )
         # DeepSpeed's pipe x data topology numbers ranks data-fastest: rank = stage * dp_world + dp_rank.
         dp_world, dp_rank = ctx.world_size // stages, ctx.rank % (ctx.world_size // stages)
+        self._check_expert_parallel(dp_world, precision)
 
         tokenizer = build_tokenizer(self.data_cfg)
         if self.model_cfg.vocab_size < tokenizer.vocab_size:
@@ -280,6 +286,7 @@ class Trainer:
             done = self._finished_before_start(resume, total_steps, ctx)
             if done is not None:
                 return done
+        expert_group, expert_rank, expert_dispatches = self._shard_experts(model)
 
         trained_module, moe_layers = model, model.moe_layers()
         if stages > 1:
@@ -298,17 +305,19 @@ class Trainer:
         ds_config = deepspeed_config(train, self.parallel_cfg, grad_clip, precision, dp_world)
         engine = initialize_engine(trained_module, optimizer, lr_scheduler, ds_config)
         dp_group = engine.grid.get_data_parallel_group() if stages > 1 else None
-        pipeline_grad_norm = None
+        own_grad_norm = None
         if own_clipping:
-            pipeline_grad_norm = clip_by_global_norm(engine.optimizer, trained_module,
-                                                     engine.grid.get_pipe_parallel_group(), self.optim_cfg.grad_clip)
+            own_grad_norm = clip_by_global_norm(
+                engine.optimizer, trained_module, self.optim_cfg.grad_clip,
+                pipe_group=engine.grid.get_pipe_parallel_group() if stages > 1 else None, expert_group=expert_group)
 
         state = TrainState(step=0, tokens_seen=0, total_steps=total_steps, tokens_per_step=tokens_per_step,
                            flops_per_token=flops_per_token)
         layout = self._layout(precision, dp_world, trained_module)
         applied_changes: list[str] = []
         if resume.tag is not None:
-            state.step, state.tokens_seen = self._restore(checkpoints, engine, resume, layout, train_loader)
+            state.step, state.tokens_seen = self._restore(checkpoints, engine, resume, layout, train_loader,
+                                                          expert_rank, bool(expert_dispatches))
             applied_changes = self._apply_config_changes(resume, optimizer, lr_scheduler, launched_hyperparameters)
         if ctx.is_main:
             self._prepare_run_dir(checkpoints, resume, state, accounting, model, precision)
@@ -337,17 +346,19 @@ class Trainer:
 
         stop = StopRequested()
         if stages > 1:
-            step_fn = PipelineStep(engine, pipeline_batches(train_loader, ctx.device), pipeline_grad_norm, guard, ctx)
+            step_fn = PipelineStep(engine, pipeline_batches(train_loader, ctx.device), own_grad_norm, guard, ctx)
         else:
-            step_fn = MicroBatchStep(engine, train_loader, train.grad_accum_steps, guard, ctx)
+            step_fn = MicroBatchStep(engine, train_loader, train.grad_accum_steps, own_grad_norm, guard, ctx)
         callbacks = [
             MoEBalancing(moe_layers, ctx, dp_group),
             MetricsRecording(logger, train.log_every, lr_scheduler, lambda: _grad_norm(engine), ctx,
-                             peak_flops_per_device(ctx.device, train.peak_flops)),
+                             peak_flops_per_device(ctx.device, train.peak_flops), expert_dispatches),
             DivergenceCheck(train.skip_nonfinite_steps, logger, newest_checkpoint),  # after the step's record
-            Validation(engine, val_loader, train.val_every, train.val_batches, ctx, logger, pipelined=stages > 1),
+            Validation(engine, val_loader, train.val_every, train.val_batches, ctx, logger, pipelined=stages > 1,
+                       expert_dispatches=expert_dispatches),
             Checkpointing(train.checkpoint_every,
-                          lambda s: self._save(checkpoints, engine, ctx, s.step, s.tokens_seen, train_loader, layout),
+                          lambda s: self._save(checkpoints, engine, ctx, s.step, s.tokens_seen, train_loader, layout,
+                                               expert_rank),
                           lambda: self._agreed_stop(stop, ctx), trained_module.parameters, ctx, newest_checkpoint),
         ]
         stop.install()
@@ -460,15 +471,22 @@ class Trainer:
                 write_json_atomic(self.run_dir / FINISHED_NAME, finished)
         return {**(finished or {}), "step": step, "total_steps": total_steps, "stopped_by": None}
 
-    def _restore(self, checkpoints, engine, resume: ResumePoint, layout: dict, train_loader) -> tuple[int, int]:
+    def _restore(self, checkpoints, engine, resume: ResumePoint, layout: dict, train_loader, expert_rank: int,
+                 expert_parallel: bool) -> tuple[int, int]:
         restore = None
         changes = layout_changes(resume.marker, layout, checkpoints.root_dir / resume.tag)
         if changes:  # saved under another layout: read it back by parameter name
             _log.warning("checkpoint %s was saved under another parallel layout (%s): resuming it by parameter "
                          "name", checkpoints.root_dir / resume.tag, "; ".join(changes))
             restore = self._layout_change_restore(int(resume.marker.get("pipeline_stages") or 1),
-                                                  self.parallel_cfg.pipeline_stages)
+                                                  self.parallel_cfg.pipeline_stages,
+                                                  int(resume.marker.get("expert_parallel") or 1), expert_rank)
         client_state = checkpoints.load(engine, tag=resume.tag, restore=restore, verify=False)  # verified above
+        if expert_parallel and not changes:  # DeepSpeed gave every rank rank 0's expert slice
+            from attnres_train.parallel.expert_parallel import load_expert_shard
+
+            load_expert_shard(checkpoints.root_dir / resume.tag, engine.module, self.parallel_cfg.expert_parallel,
+                              expert_rank, lambda name: name, read_checkpoint_file)
         train_loader.load_state_dict(client_state["train_loader"])
         rank_state = checkpoints.load_rank_state(resume.tag)
         if rank_state is not None:  # absent when resuming on more ranks than saved
@@ -523,16 +541,62 @@ class Trainer:
         stages = self.parallel_cfg.pipeline_stages
         return {"pipeline_stages": stages, "pipeline_parts": list(trained_module.parts) if stages > 1 else None,
                 "zero_stage": self.parallel_cfg.zero_stage, "precision": precision, "data_parallel": dp_world,
-                "optimizer": self.optim_cfg.name}
+                "optimizer": self.optim_cfg.name, "expert_parallel": self.parallel_cfg.expert_parallel}
 
-    def _layout_change_restore(self, saved_stages: int, stages: int):
+    def _check_expert_parallel(self, dp_world: int, precision: str) -> None:
+        experts = self.parallel_cfg.expert_parallel
+        if experts == 1:
+            return
+        field = f"parallel.expert_parallel={experts}"
+        if "moe" not in self.model_cfg.mlp_kinds():
+            raise RunConfigError(f"{field}: the model has no MoE layers (model.mlp={self.model_cfg.mlp!r}, a dense "
+                                 "preset); expert parallelism needs an MoE model or parallel.expert_parallel=1")
+        if self.model_cfg.num_experts % experts:
+            raise RunConfigError(f"{field}: must divide model.num_experts={self.model_cfg.num_experts}")
+        if dp_world % experts:
+            raise RunConfigError(f"{field}: must divide the data-parallel degree ({dp_world} ranks)")
+        if precision == "bf16" and self.parallel_cfg.zero_stage == 0:
+            raise RunConfigError(f"{field} with train.precision=bf16 and parallel.zero_stage=0: DeepSpeed's bf16 "
+                                 "optimizer without ZeRO mis-counts expert gradient norms; use parallel=zero1 or zero2")
+
+    def _shard_experts(self, model) -> tuple:
+        """Expert parallelism: keep this rank's expert slices, install the all-to-all dispatch and tag the model
+        for DeepSpeed; returns ``(expert-parallel group, rank in it, dispatches)`` (None, 0, [] without it)."""
+        experts = self.parallel_cfg.expert_parallel
+        if experts == 1:
+            return None, 0, []
+        from attnres_train.parallel import expert_parallel
+
+        group, rank = expert_parallel.create_expert_groups(experts)
+        dispatches = expert_parallel.shard_experts(model, experts, rank, group)
+        expert_parallel.mark_expert_parameters(model, experts)
+        model.add_module("expert_parallel_marker",
+                         expert_parallel.deepspeed_moe_marker(self.model_cfg.num_experts, experts))
+        return group, rank, dispatches
+
+    def _expert_shard_files(self, engine, expert_rank: int) -> dict:
+        """The expert slice this rank saves (the first replica of each slice saves it)."""
+        experts = self.parallel_cfg.expert_parallel
+        if experts == 1:
+            return {}
+        from attnres_train.parallel import expert_parallel
+
+        if expert_parallel.expert_data_parallel_rank(experts) != 0:
+            return {}
+        return {expert_parallel.shard_file_name(expert_rank, experts):
+                expert_parallel.expert_shard_state(engine.module, lambda name: name)}
+
+    def _layout_change_restore(self, saved_stages: int, stages: int, saved_experts: int, expert_rank: int):
         from .reshard import SavedTrainingState, restore_engine
 
         num_layers = self.model_cfg.num_layers
         to_model_name = model_names(num_layers, stages)
+        experts = self.parallel_cfg.expert_parallel
+        expert_slice = (expert_rank, experts) if experts > 1 else None
 
         def restore(engine, tag_dir):
-            return restore_engine(engine, SavedTrainingState(tag_dir, saved_stages, num_layers), to_model_name)
+            saved = SavedTrainingState(tag_dir, saved_stages, num_layers, expert_parallel=saved_experts)
+            return restore_engine(engine, saved, to_model_name, expert_slice)
 
         return restore
 
@@ -546,7 +610,8 @@ class Trainer:
             )
         return target.name
 
-    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, layout):
+    def _save(self, checkpoints, engine, ctx: DistributedContext, step, tokens_seen, train_loader, layout,
+              expert_rank: int = 0):
         stages = self.parallel_cfg.pipeline_stages
         to_model_name = model_names(self.model_cfg.num_layers, stages)
         client_state = {
@@ -555,7 +620,7 @@ class Trainer:
             "train_loader": train_loader.state_dict(),
             "world_size": ctx.world_size,
             **{key: layout[key] for key in ("pipeline_stages", "pipeline_parts", "zero_stage", "precision",
-                                            "optimizer")},
+                                            "optimizer", "expert_parallel")},
             # This rank's optimizer order (its stage's, under pipelining; DeepSpeed stores each stage's client
             # state with that stage's files): lets another layout match unpartitioned optimizer state by name.
             OPTIMIZER_NAMES_KEY: [[to_model_name(name) for name in group]
@@ -563,7 +628,8 @@ class Trainer:
             **model_config_state(self.model_cfg.to_dict()),
             RUN_CONFIG_KEY: self.resolved_config,
         }
-        checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()})
+        checkpoints.save(engine, step, client_state, rank_state={"rng": capture_rng_state()},
+                         rank_files=self._expert_shard_files(engine, expert_rank))
 
     @staticmethod
     def _agreed_stop(stop: StopRequested, ctx: DistributedContext) -> Optional[str]:
