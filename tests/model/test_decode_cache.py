@@ -93,7 +93,7 @@ def test_prefill_in_chunks_then_decode_equals_the_full_forward_logits(linear, fu
         pieces.append(model(sequence[:, start : start + size], cache=cache).logits)
         start += size
     assert start == sequence.shape[1] and cache.columns == start
-    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), reference, atol=1e-4, rtol=1e-4)  # fp32 chunk order
 
 
 @torch.no_grad()
