@@ -162,6 +162,40 @@ class PipelineStep:
 
 
 @dataclass
+class RunSetup:
+    """What ``Trainer._set_up`` prepares before DeepSpeed is involved."""
+
+    precision: str
+    dp_world: int
+    train_loader: Any
+    val_loader: Any
+    checkpoints: CheckpointManager
+    resume: "ResumePoint"
+    model: Any
+    accounting: dict
+    tokens_per_step: int
+    total_steps: int
+
+
+@dataclass
+class EngineParts:
+    """What ``Trainer._build_engine`` wires together around the DeepSpeed engine."""
+
+    engine: Any
+    trained_module: Any  # the model, or this rank's pipeline stage
+    moe_layers: list
+    optimizer: Any
+    guard: NonFiniteStepGuard
+    lr_scheduler: Any
+    launched_hyperparameters: list
+    own_grad_norm: Any  # the trainer's clipping norm where DeepSpeed's is wrong, else None
+    dp_group: Any
+    layout: dict
+    expert_rank: int
+    expert_dispatches: list
+
+
+@dataclass
 class ResumePoint:
     tag: Optional[str]  # None: a fresh start
     marker: dict
@@ -220,6 +254,55 @@ class Trainer:
         return lock
 
     def _run_locked(self, ctx: DistributedContext) -> dict:
+        run = self._set_up(ctx)
+        if run.resume.tag is not None:
+            done = self._finished_before_start(run.resume, run.total_steps, ctx)
+            if done is not None:
+                return done
+        parts = self._build_engine(ctx, run)
+        state = TrainState(step=0, tokens_seen=0, total_steps=run.total_steps, tokens_per_step=run.tokens_per_step,
+                           flops_per_token=run.accounting["train_flops_per_token"])
+        applied_changes: list[str] = []
+        if run.resume.tag is not None:
+            state.step, state.tokens_seen = self._restore(run.checkpoints, parts.engine, run.resume, parts.layout,
+                                                          run.train_loader, parts.expert_rank,
+                                                          bool(parts.expert_dispatches))
+            applied_changes = self._apply_config_changes(run.resume, parts.optimizer, parts.lr_scheduler,
+                                                         parts.launched_hyperparameters)
+        if ctx.is_main:
+            self._prepare_run_dir(run.checkpoints, run.resume, state, run.accounting, run.model, run.precision)
+        logger = MetricsLogger(self.run_dir, self.logger_cfg, ctx.is_main, total_steps=run.total_steps,
+                               start_step=state.step, progress_bar=self.train_cfg.progress_bar,
+                               resolved_config=self.resolved_config)
+        accounting, train = run.accounting, self.train_cfg
+        logger.message(
+            f"run_dir={self.run_dir} device={ctx.device} world_size={ctx.world_size} precision={run.precision} "
+            f"params={accounting['total_parameters']:,} active={accounting['active_parameters']:,} "
+            f"layers={accounting['layer_pattern']} steps={run.total_steps}"
+            + (f" flops_budget={train.flops_budget:.4g}" if train.flops_budget else "")
+            + (f" resumed_from={run.resume.tag} step={state.step}" if run.resume.tag is not None else "")
+        )
+        for change in applied_changes:
+            logger.message(f"resume: applying the changed config: {change}")
+        self._train(ctx, run, parts, state, logger)
+        result = {
+            "step": state.step,
+            "total_steps": run.total_steps,
+            "tokens": state.tokens_seen,
+            "flops": state.flops,
+            "loss": state.last_loss,
+            "val_loss": state.last_val,
+            "stopped_by": state.stopped_by,
+        }
+        key = config_key(self.resolved_config)
+        finished = state.step >= run.total_steps and not state.stopped_by
+        if ctx.is_main and finished and not is_finished_with(self.run_dir, key):
+            write_json_atomic(self.run_dir / FINISHED_NAME, {**result, "config_key": key})
+        return result
+
+    def _set_up(self, ctx: DistributedContext) -> "RunSetup":
+        """Everything before DeepSpeed: layout checks, tokenizer and loaders, the resume point, the model (seeded,
+        or initialised from ``train.init_from``) and the step count."""
         train = self.train_cfg
         precision = resolve_precision(train, ctx.device)
         stages = self.parallel_cfg.pipeline_stages
@@ -248,14 +331,8 @@ class Trainer:
             val_num_batches=train.val_batches,
             grad_accum_steps=train.grad_accum_steps,  # a mixture apportions whole optimizer steps
         )
-
-        checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints",
-            keep_last=train.keep_checkpoints,
-            rank=ctx.rank,
-            world_size=ctx.world_size,
-            barrier=ctx.barrier,
-        )
+        checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep_last=train.keep_checkpoints,
+                                        rank=ctx.rank, world_size=ctx.world_size, barrier=ctx.barrier)
         resume = self._resume_point(checkpoints, ctx)
 
         torch.manual_seed(train.seed)
@@ -279,97 +356,83 @@ class Trainer:
 
         # Counted before DeepSpeed wraps the model: ZeRO-3 partitions parameters in place (numel 0 per rank).
         accounting = describe(model, self.data_cfg.seq_len)
-        flops_per_token = accounting["train_flops_per_token"]
         tokens_per_step = train.micro_batch_size * train.grad_accum_steps * dp_world * self.data_cfg.seq_len
-        total_steps = target_steps(train, flops_per_token, tokens_per_step)
-        if resume.tag is not None:
-            done = self._finished_before_start(resume, total_steps, ctx)
-            if done is not None:
-                return done
-        expert_group, expert_rank, expert_dispatches = self._shard_experts(model)
+        total_steps = target_steps(train, accounting["train_flops_per_token"], tokens_per_step)
+        return RunSetup(precision, dp_world, train_loader, val_loader, checkpoints, resume, model, accounting,
+                        tokens_per_step, total_steps)
 
-        trained_module, moe_layers = model, model.moe_layers()
+    def _build_engine(self, ctx: DistributedContext, run: "RunSetup") -> "EngineParts":
+        """Expert sharding, pipeline stage wrapping, the optimizer with its divergence guard, the LR schedule,
+        the DeepSpeed engine and, where DeepSpeed's clipping is wrong, the trainer's own."""
+        stages = self.parallel_cfg.pipeline_stages
+        expert_group, expert_rank, expert_dispatches = self._shard_experts(run.model)
+        trained_module, moe_layers = run.model, run.model.moe_layers()
         if stages > 1:
             trained_module = build_stage_module(
-                model, self.parallel_cfg, self.data_cfg.seq_len, train.activation_checkpointing
+                run.model, self.parallel_cfg, self.data_cfg.seq_len, self.train_cfg.activation_checkpointing
             )
             from attnres_train.parallel.pipeline import local_moe_layers
 
             moe_layers = local_moe_layers(trained_module)
         optimizer = build_optimizer(trained_module, self.optim_cfg)
         guard = NonFiniteStepGuard(optimizer, ctx.all_reduce_sum_, ctx.device)  # before the scheduler wraps step
-        lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=total_steps)
+        lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=run.total_steps)
         launched_hyperparameters = optimizer_hyperparameters(optimizer)
-        own_clipping = needs_own_clipping(self.parallel_cfg, precision)
+        own_clipping = needs_own_clipping(self.parallel_cfg, run.precision)
         grad_clip = 0.0 if own_clipping else self.optim_cfg.grad_clip
-        ds_config = deepspeed_config(train, self.parallel_cfg, grad_clip, precision, dp_world)
+        ds_config = deepspeed_config(self.train_cfg, self.parallel_cfg, grad_clip, run.precision, run.dp_world)
         engine = initialize_engine(trained_module, optimizer, lr_scheduler, ds_config)
-        dp_group = engine.grid.get_data_parallel_group() if stages > 1 else None
         own_grad_norm = None
         if own_clipping:
             own_grad_norm = clip_by_global_norm(
                 engine.optimizer, trained_module, self.optim_cfg.grad_clip,
                 pipe_group=engine.grid.get_pipe_parallel_group() if stages > 1 else None, expert_group=expert_group)
+        return EngineParts(
+            engine=engine, trained_module=trained_module, moe_layers=moe_layers, optimizer=optimizer, guard=guard,
+            lr_scheduler=lr_scheduler, launched_hyperparameters=launched_hyperparameters, own_grad_norm=own_grad_norm,
+            dp_group=engine.grid.get_data_parallel_group() if stages > 1 else None,
+            layout=self._layout(run.precision, run.dp_world, trained_module),
+            expert_rank=expert_rank, expert_dispatches=expert_dispatches)
 
-        state = TrainState(step=0, tokens_seen=0, total_steps=total_steps, tokens_per_step=tokens_per_step,
-                           flops_per_token=flops_per_token)
-        layout = self._layout(precision, dp_world, trained_module)
-        applied_changes: list[str] = []
-        if resume.tag is not None:
-            state.step, state.tokens_seen = self._restore(checkpoints, engine, resume, layout, train_loader,
-                                                          expert_rank, bool(expert_dispatches))
-            applied_changes = self._apply_config_changes(resume, optimizer, lr_scheduler, launched_hyperparameters)
-        if ctx.is_main:
-            self._prepare_run_dir(checkpoints, resume, state, accounting, model, precision)
-        logger = MetricsLogger(
-            self.run_dir,
-            self.logger_cfg,
-            ctx.is_main,
-            total_steps=total_steps,
-            start_step=state.step,
-            progress_bar=train.progress_bar,
-            resolved_config=self.resolved_config,
-        )
-        logger.message(
-            f"run_dir={self.run_dir} device={ctx.device} world_size={ctx.world_size} precision={precision} "
-            f"params={accounting['total_parameters']:,} active={accounting['active_parameters']:,} "
-            f"layers={accounting['layer_pattern']} steps={total_steps}"
-            + (f" flops_budget={train.flops_budget:.4g}" if train.flops_budget else "")
-            + (f" resumed_from={resume.tag} step={state.step}" if resume.tag is not None else "")
-        )
-        for change in applied_changes:
-            logger.message(f"resume: applying the changed config: {change}")
+    def _train(self, ctx: DistributedContext, run: "RunSetup", parts: "EngineParts", state: TrainState,
+               logger: MetricsLogger) -> None:
+        """The loop: one step of the configured kind, then each callback, until the last step or a stop signal."""
+        train, engine, checkpoints = self.train_cfg, parts.engine, run.checkpoints
+        pipelined = self.parallel_cfg.pipeline_stages > 1
 
         def newest_checkpoint() -> str:
             latest = checkpoints.latest()
             return str(latest[1]) if latest else "none"
 
         stop = StopRequested()
-        if stages > 1:
-            step_fn = PipelineStep(engine, pipeline_batches(train_loader, ctx.device), own_grad_norm, guard, ctx)
+        if pipelined:
+            step_fn = PipelineStep(engine, pipeline_batches(run.train_loader, ctx.device), parts.own_grad_norm,
+                                   parts.guard, ctx)
         else:
-            step_fn = MicroBatchStep(engine, train_loader, train.grad_accum_steps, own_grad_norm, guard, ctx)
+            step_fn = MicroBatchStep(engine, run.train_loader, train.grad_accum_steps, parts.own_grad_norm,
+                                     parts.guard, ctx)
         callbacks = [
-            MoEBalancing(moe_layers, ctx, dp_group),
-            MetricsRecording(logger, train.log_every, lr_scheduler, lambda: _grad_norm(engine), ctx,
-                             peak_flops_per_device(ctx.device, train.peak_flops), expert_dispatches),
+            MoEBalancing(parts.moe_layers, ctx, parts.dp_group),
+            MetricsRecording(logger, train.log_every, parts.lr_scheduler, lambda: _grad_norm(engine), ctx,
+                             peak_flops_per_device(ctx.device, train.peak_flops), parts.expert_dispatches),
             DivergenceCheck(train.skip_nonfinite_steps, logger, newest_checkpoint),  # after the step's record
-            Validation(engine, val_loader, train.val_every, train.val_batches, ctx, logger, pipelined=stages > 1,
-                       expert_dispatches=expert_dispatches),
+            Validation(engine, run.val_loader, train.val_every, train.val_batches, ctx, logger, pipelined=pipelined,
+                       expert_dispatches=parts.expert_dispatches),
             Checkpointing(train.checkpoint_every,
-                          lambda s: self._save(checkpoints, engine, ctx, s.step, s.tokens_seen, train_loader, layout,
-                                               expert_rank),
-                          lambda: self._agreed_stop(stop, ctx), trained_module.parameters, ctx, newest_checkpoint),
+                          lambda s: self._save(checkpoints, engine, ctx, s.step, s.tokens_seen, run.train_loader,
+                                               parts.layout, parts.expert_rank),
+                          lambda: self._agreed_stop(stop, ctx), parts.trained_module.parameters, ctx,
+                          newest_checkpoint),
         ]
         stop.install()
         try:
             state.speed.restart()
-            while state.step < total_steps:
+            while state.step < state.total_steps:
                 engine.train()
-                guard.begin_step()
+                parts.guard.begin_step()
                 state.result = step_fn()
                 state.step += 1
-                state.tokens_seen += tokens_per_step
+                state.tokens_seen += state.tokens_per_step
                 state.speed.tick()
                 state.last_loss = state.result.loss
                 for callback in callbacks:
@@ -380,19 +443,6 @@ class Trainer:
         finally:
             stop.uninstall()
             logger.close()
-        result = {
-            "step": state.step,
-            "total_steps": total_steps,
-            "tokens": state.tokens_seen,
-            "flops": state.flops,
-            "loss": state.last_loss,
-            "val_loss": state.last_val,
-            "stopped_by": state.stopped_by,
-        }
-        key = config_key(self.resolved_config)
-        if ctx.is_main and state.step >= total_steps and not state.stopped_by and not is_finished_with(self.run_dir, key):
-            write_json_atomic(self.run_dir / FINISHED_NAME, {**result, "config_key": key})
-        return result
 
     # --- resume -------------------------------------------------------------------------------------------------
     def _resume_point(self, checkpoints: CheckpointManager, ctx: DistributedContext) -> ResumePoint:
