@@ -7,12 +7,13 @@ Only rank 0 writes. Every record is one JSON object per line; floats are written
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from attnres_train.atomic_files import finite_or_none
 
 from .config import LoggerConfig
 
@@ -56,16 +57,19 @@ def model_flops_utilization(
     return flops_per_token * tokens_per_s / (peak_per_device * world_size)
 
 
-def _jsonable(value: Any) -> Any:
+def _without_tensors(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return value.detach().cpu().tolist()
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: _without_tensors(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [_without_tensors(v) for v in value]
     return value
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain strict-JSON data: tensors as lists, non-finite floats as null."""
+    return finite_or_none(_without_tensors(value))
 
 
 class MetricsLogger:
