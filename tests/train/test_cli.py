@@ -96,7 +96,8 @@ def test_default_config_runs_end_to_end_and_rerun_is_a_no_op(tmp_path):
     ],
 )
 def test_strip_local_rank_argument(argv, local_rank, monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "unset")  # recorded, so the value the function sets is undone afterwards
+    monkeypatch.delenv("LOCAL_RANK")
     assert strip_local_rank_argument(argv) == ["prog", "model=tiny"]
     assert os.environ["LOCAL_RANK"] == local_rank
 
