@@ -287,7 +287,7 @@ def write_hf_directory(source: ModelSource, out_dir: Path, fmt: str = "auto", dt
         tensors = to_kimi_linear_state(state, cfg)
     else:
         config = {"architectures": ["AttnResForCausalLM"], "model_type": OWN_MODEL_TYPE, "attnres": cfg.to_dict(),
-                  "tie_word_embeddings": cfg.tie_embeddings, "use_cache": False, **special}
+                  "tie_word_embeddings": cfg.tie_embeddings, **special}
         tensors = {f"model.{name}": value.contiguous() for name, value in state.items()
                    if not (cfg.tie_embeddings and name == "lm_head.weight")}
     config["dtype"] = str(written_dtype).removeprefix("torch.")
