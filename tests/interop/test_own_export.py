@@ -179,3 +179,25 @@ def test_lm_eval_runs_loglikelihood_and_generate_until_on_an_export(tmp_path):
     with torch.no_grad():
         logits = lm.model(torch.tensor([list(b"abcde")])).logits.log_softmax(-1)[0]
     assert logprob == pytest.approx(float(logits[2, ord("d")] + logits[3, ord("e")] + logits[4, ord("f")]), abs=1e-5)
+
+    # generate_until decodes with the cache, batched: the text of full-forward greedy decoding, cut at the stop.
+    from lm_eval.api.instance import Instance
+
+    def full_forward_text(context: str, steps: int) -> str:
+        ids = list(context.encode())
+        with torch.no_grad():
+            for _ in range(steps):
+                next_id = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
+                if next_id == 256:
+                    break
+                ids.append(next_id)
+        return bytes(ids[len(context.encode()):]).decode(errors="replace")
+
+    contexts = ["abc", "hello there", "q"]
+    expected = [full_forward_text(c, 6) for c in contexts]
+    stop = next((ch for text in expected for ch in text[1:3] if ch != "\ufffd"), None)
+    assert stop is not None  # some continuation has a character to stop at
+    requests = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 6}), i)
+                for i, c in enumerate(contexts)]
+    lm.batch_size = 2
+    assert lm.generate_until(requests) == [text.split(stop)[0] for text in expected]
