@@ -4,8 +4,9 @@
 
 ``attnres-lm-eval`` is lm-eval's own command line with this model registered (lm-eval 0.4 discovers models only
 among its own modules, so plain ``lm_eval`` does not know ``attnres``; a native Kimi Linear export also runs there
-as ``--model hf``). ``model_args``: ``pretrained`` (anything ``read_model_source`` reads), ``device`` (cpu),
-``max_length`` (context window, default 2048), ``tokenizer`` ("byte" or a directory, when the source names none).
+as ``--model hf``). ``model_args``: ``pretrained`` (any path ``attnres_train.generate.load_for_generation``
+loads), ``device`` (cpu), ``max_length`` (context window, default 2048), ``tokenizer`` ("byte" or a directory;
+default: the one the source names), ``batch_size`` (rows decoded together by generate_until).
 
 Requests: ``loglikelihood`` (sum of the continuation's log-probabilities and whether greedy decoding would give it),
 ``loglikelihood_rolling`` (a whole text in disjoint windows of ``max_length``) and ``generate_until`` (decoding with
@@ -31,14 +32,13 @@ class AttnResLM(LM):
     def __init__(self, pretrained: str, device: str = "cpu", max_length: int = 2048, tokenizer: Optional[str] = None,
                  batch_size: Any = 1, **unused: Any):
         super().__init__()
-        from attnres_train.interop.pretrained import build_pretrained_model, load_tokenizer, read_model_source
+        from attnres_train.generate.loading import load_for_generation
 
-        source = read_model_source(pretrained)
-        self.tokenizer = load_tokenizer(tokenizer or source.tokenizer, pretrained)
         # lm-eval passes device="cuda" unless told otherwise; a CPU-only machine runs on the CPU.
         self._device = torch.device(device if torch.cuda.is_available() or not str(device).startswith("cuda")
                                     else "cpu")
-        self.model = build_pretrained_model(source, self._device).eval()
+        loaded = load_for_generation(pretrained, self._device, tokenizer)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.max_length = int(max_length)
         # lm-eval may pass "auto" (pick the largest that fits): one row at a time is what is known to fit.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 1

@@ -104,6 +104,26 @@ def test_eval_matches_the_runs_validation_loss(zero3_checkpoint):
     assert record["bits_per_byte"] == pytest.approx(record["loss"] * record["tokens"] / record["bytes"] / 0.6931471805599453)
 
 
+def test_generate_and_eval_read_the_native_export_like_the_checkpoint(native_dir, zero3_checkpoint, capsys):
+    import io
+
+    from attnres_train.evaluation.held_out import main as eval_main
+    from attnres_train.generate.cli import parse_args, run as generate_run
+
+    run_dir = zero3_checkpoint.parent.parent
+    val_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in line][-1]["val_loss"]
+    eval_main([str(native_dir), "--data", "seq_len=64", "--batches", "1", "--batch-size", "2"])
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert record["loss"] == pytest.approx(val_loss, rel=1e-5)
+    texts = []
+    for path in (zero3_checkpoint, native_dir):
+        out = io.StringIO()
+        generate_run(parse_args([str(path), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]), out)
+        texts.append(out.getvalue())
+    assert texts[0] == texts[1] and texts[0].startswith("def ")
+
+
 def test_cli_refusals_are_one_line_and_nonzero(native_dir, zero3_checkpoint, tmp_path):
     export = str(BIN_DIR / "attnres-export")
     cases = {
