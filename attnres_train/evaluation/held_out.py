@@ -3,7 +3,8 @@
     attnres-eval runs/demo/checkpoints/step_00000200                       # the stdlib corpus' validation split
     attnres-eval exported/demo --data source=prepared --data path=data/web --batches 32
 
-The model comes from any source ``read_model_source`` reads (checkpoint, exported directory, .pt). The data is
+The model comes from any path ``attnres_train.generate.load_for_generation`` loads (run directory, checkpoint,
+Hugging Face directory written by attnres-export, .pt). The data is
 the ``data`` config group (``--data KEY=VALUE`` overrides on the defaults; the tokenizer is always the model's), so
 every source the trainer validates on works: the stdlib corpus, prepared datasets and their mixtures (scored per
 source), Hugging Face datasets. The validation windows are the trainer's (``build_val_loader``), so the numbers
@@ -81,7 +82,8 @@ def _data_overrides(pairs: Sequence[str]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="attnres-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("source", type=Path, help="a complete checkpoint, exported directory or .pt file")
+    parser.add_argument("source", type=Path,
+                        help="a run directory, complete checkpoint, exported Hugging Face directory or .pt file")
     parser.add_argument("--data", action="append", default=[], metavar="KEY=VALUE",
                         help="data config field (repeatable), e.g. source=prepared, path=DIR, seq_len=256")
     parser.add_argument("--batches", type=int, default=8, help="validation batches per source (default 8)")
@@ -91,19 +93,16 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     from attnres_train.data import DataConfig, DataConfigError, build_val_loader
-    from attnres_train.interop.kimi_linear import InteropError
-    from attnres_train.interop.pretrained import build_pretrained_model, load_tokenizer, read_model_source
+    from attnres_train.generate.loading import load_for_generation
 
     try:
-        source = read_model_source(args.source)
-        tokenizer = load_tokenizer(args.tokenizer or source.tokenizer, args.source)
-        fields = {"seq_len": 512, **_data_overrides(args.data), "tokenizer": source.tokenizer or args.tokenizer}
-        val_loader = build_val_loader(DataConfig.from_mapping(fields), tokenizer, micro_batch_size=args.batch_size,
-                                      num_batches=args.batches)
-        model = build_pretrained_model(source, args.device)
-        results = evaluate(model, val_loader, token_byte_lengths(tokenizer, source.model_cfg.vocab_size),
-                           args.device)
-    except (InteropError, DataConfigError, ValueError) as exc:
+        loaded = load_for_generation(args.source, args.device, args.tokenizer)
+        fields = {"seq_len": 512, **_data_overrides(args.data), "tokenizer": loaded.tokenizer_spec}
+        val_loader = build_val_loader(DataConfig.from_mapping(fields), loaded.tokenizer,
+                                      micro_batch_size=args.batch_size, num_batches=args.batches)
+        byte_lengths = token_byte_lengths(loaded.tokenizer, loaded.model.config.vocab_size)
+        results = evaluate(loaded.model, val_loader, byte_lengths, args.device)
+    except (DataConfigError, ValueError) as exc:  # GenerationError (a bad model path) is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     for result in results:

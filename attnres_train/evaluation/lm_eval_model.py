@@ -4,13 +4,16 @@
 
 ``attnres-lm-eval`` is lm-eval's own command line with this model registered (lm-eval 0.4 discovers models only
 among its own modules, so plain ``lm_eval`` does not know ``attnres``; a native Kimi Linear export also runs there
-as ``--model hf``). ``model_args``: ``pretrained`` (anything ``read_model_source`` reads), ``device`` (cpu),
-``max_length`` (context window, default 2048), ``tokenizer`` ("byte" or a directory, when the source names none).
+as ``--model hf``). ``model_args``: ``pretrained`` (any path ``attnres_train.generate.load_for_generation``
+loads), ``device`` (cpu), ``max_length`` (context window, default 2048), ``tokenizer`` ("byte" or a directory;
+default: the one the source names), ``batch_size`` (rows decoded together by generate_until).
 
 Requests: ``loglikelihood`` (sum of the continuation's log-probabilities and whether greedy decoding would give it),
-``loglikelihood_rolling`` (a whole text in disjoint windows of ``max_length``) and ``generate_until`` (greedy
-decoding up to ``max_gen_toks`` or a stop string). Each forward sees the full sequence: decoding keeps no cache
-yet. An empty context is replaced by the EOS token, as lm-eval's own models do.
+``loglikelihood_rolling`` (a whole text in disjoint windows of ``max_length``) and ``generate_until`` (decoding with
+the model's cache, ``attnres_train.generate``, up to ``max_gen_toks`` or a stop string; greedy unless the task sets
+``do_sample``; requests with the same generation arguments run ``batch_size`` at a time, left-padded). A context
+longer than ``max_length - max_gen_toks`` keeps its end. An empty context is replaced by the EOS token, as
+lm-eval's own models do.
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ class AttnResLM(LM):
     def __init__(self, pretrained: str, device: str = "cpu", max_length: int = 2048, tokenizer: Optional[str] = None,
                  batch_size: Any = 1, **unused: Any):
         super().__init__()
-        from attnres_train.interop.pretrained import build_pretrained_model, load_tokenizer, read_model_source
+        from attnres_train.generate.loading import load_for_generation
 
-        source = read_model_source(pretrained)
-        self.tokenizer = load_tokenizer(tokenizer or source.tokenizer, pretrained)
         # lm-eval passes device="cuda" unless told otherwise; a CPU-only machine runs on the CPU.
         self._device = torch.device(device if torch.cuda.is_available() or not str(device).startswith("cuda")
                                     else "cpu")
-        self.model = build_pretrained_model(source, self._device).eval()
+        loaded = load_for_generation(pretrained, self._device, tokenizer)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.max_length = int(max_length)
+        # lm-eval may pass "auto" (pick the largest that fits): one row at a time is what is known to fit.
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() and int(batch_size) > 0 else 1
 
     # --- helpers -----------------------------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -76,31 +80,52 @@ class AttnResLM(LM):
             results.append(total)
         return results
 
-    @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
-        results = []
-        for request in requests:
+        from attnres_train.generate import SamplingConfig, generate
+
+        by_arguments: dict[tuple, list[int]] = {}
+        parsed = []
+        for index, request in enumerate(requests):
             context, gen_kwargs = request.args
             until = gen_kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = (until,) if isinstance(until, str) else tuple(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
+            sampled = bool(gen_kwargs.get("do_sample", False))
+            sampling = SamplingConfig(max_new_tokens=max_new,
+                                      temperature=float(gen_kwargs.get("temperature", 1.0)) if sampled else 0.0,
+                                      top_p=float(gen_kwargs.get("top_p", 1.0)) if sampled else 1.0)
             tokens = self._encode(context) or [self.tokenizer.eos_token_id]
-            generated: list[int] = []
-            text = ""
-            for _ in range(max_new):
-                window = (tokens + generated)[-self.max_length:]
-                logits = self.model(torch.tensor([window], device=self._device)).logits[0, -1]
-                next_id = int(logits.argmax())
-                if next_id == self.tokenizer.eos_token_id:
-                    break
-                generated.append(next_id)
-                text = self.tokenizer.decode(generated)
-                if any(stop in text for stop in until):
-                    break
+            parsed.append(tokens[-max(self.max_length - max_new, 1):])
+            by_arguments.setdefault((until, sampling), []).append(index)
+        results: list[str] = [""] * len(parsed)
+        for (until, sampling), indices in by_arguments.items():
+            for first in range(0, len(indices), self.batch_size):
+                rows = indices[first:first + self.batch_size]
+                texts = self._generate_rows([parsed[i] for i in rows], until, sampling, generate)
+                for index, text in zip(rows, texts):
+                    results[index] = text
+        return results
+
+    def _generate_rows(self, prompts: list[list[int]], until: tuple[str, ...], sampling, generate) -> list[str]:
+        """One cached, batched decode; a row ends at EOS, ``max_new_tokens`` or once its text holds a stop string
+        (the text is cut before it)."""
+        produced: list[list[int]] = [[] for _ in prompts]
+
+        def reached_stop(row: int, token: Optional[int]) -> bool:
+            if token is None:
+                return False
+            produced[row].append(token)
+            return bool(until) and any(stop in self.tokenizer.decode(produced[row]) for stop in until)
+
+        outputs = generate(self.model, prompts, sampling, eos_token_id=self.tokenizer.eos_token_id,
+                           on_token=reached_stop)
+        texts = []
+        for tokens in outputs:
+            text = self.tokenizer.decode(tokens)
             for stop in until:
                 text = text.split(stop)[0]
-            results.append(text)
-        return results
+            texts.append(text)
+        return texts
 
 
 def main() -> None:

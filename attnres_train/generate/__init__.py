@@ -1,6 +1,6 @@
 """Text generation from a trained model: ``generate`` (batched, cached decoding with greedy / temperature / top-p
-sampling), ``load_for_generation`` (an export file, a checkpoint or a run directory, with its tokenizer) and the
-``attnres-generate`` command (``cli.py``)."""
+sampling), ``load_for_generation`` (a run directory, checkpoint, exported Hugging Face directory or .pt file, with
+its tokenizer) and the ``attnres-generate`` command (``cli.py``)."""
 
 from .loading import LoadedModel, load_for_generation
 from .sampling import GenerationError, SamplingConfig, generate, next_tokens

@@ -2,6 +2,7 @@
 
     attnres-generate RUN_DIR --prompt "Once upon a time" --max-new-tokens 100 --temperature 0.8 --top-p 0.95
     attnres-generate model.pt --prompt "def main(" --prompt "import " --temperature 0     # greedy, batched
+    attnres-generate exported/demo --prompt "Once"       # a directory written by attnres-export
 
 One prompt streams token by token. Several prompts run as one left-padded batch; each is printed, as
 ``[i] prompt + continuation``, as soon as its row ends (EOS or --max-new-tokens). Bad input gets one line on
@@ -49,14 +50,15 @@ class TextStream:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="attnres-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="a model .pt export, a complete checkpoint directory, or a run directory")
+    parser.add_argument("model", help="a run directory, a complete checkpoint directory, a Hugging Face directory "
+                                      "written by attnres-export, or a model .pt export")
     parser.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", default=None,
-                        help="'byte' or a Hugging Face tokenizer (default: the run's data.tokenizer, else byte)")
+                        help="'byte' or a Hugging Face tokenizer (default: the model's own, else byte)")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     return parser.parse_args(argv)
 

@@ -52,13 +52,14 @@ def generate(
     prompts: Sequence[Sequence[int]],
     sampling: SamplingConfig,
     eos_token_id: Optional[int] = None,
-    on_token: Optional[Callable[[int, Optional[int]], None]] = None,
+    on_token: Optional[Callable[[int, Optional[int]], Optional[bool]]] = None,
 ) -> list[list[int]]:
     """Continue every prompt (token ids) by up to ``sampling.max_new_tokens`` tokens, batched.
 
     Returns the new tokens of each row, without the EOS that ended it. ``on_token(row, token)`` is called as each
     token is produced, and once with ``token=None`` when a row ends (EOS or the token limit), so callers can
-    stream. Rows that ended keep being fed (their outputs are ignored) until every row has ended.
+    stream; it may return True to end that row after this token (a stop string). Rows that ended keep being fed
+    (their outputs are ignored) until every row has ended.
     """
     if not prompts:
         raise GenerationError("no prompts given")
@@ -88,9 +89,8 @@ def generate(
                 running[row] = False
             else:
                 outputs[row].append(token)
-                if on_token is not None:
-                    on_token(row, token)
-                running[row] = not last_step
+                stop_here = on_token is not None and bool(on_token(row, token))
+                running[row] = not (last_step or stop_here)
             if not running[row] and on_token is not None:
                 on_token(row, None)
         if not any(running):

@@ -4,12 +4,17 @@ Every configuration this package trains (Block/Full AttnRes, Gated DeltaNet, gat
 loads with ``AutoModelForCausalLM.from_pretrained(DIR)`` once ``attnres_train`` is imported (the Auto classes
 are registered then, see ``registration.py``). The weights are the decoder's own state dict under ``model.``.
 
-Padding: ``attention_mask`` (1 = token, 0 = padding, left or right) becomes document ids, so each row's real
-tokens form one document and padding another: no real token attends to, or carries recurrent state from, a
-padding position, and positions (RoPE in gated GQA) restart at the first real token.
+Decoding: ``generate()`` keeps this package's ``DecodeCache`` (``attnres_train.model.cache``: latent or expanded
+K/V for attention layers, recurrent plus short-conv state of constant size for linear layers). ``forward`` builds
+it on the prefill when ``use_cache=True`` and returns it as ``cache``; later calls pass only the new tokens.
+transformers hands over the mask of the whole sequence ``[B, past + T]``; the decoder is given only its last T
+columns. Beam search reorders the cache through ``_reorder_cache``. Assisted generation would need a cache that
+can be rolled back, which a recurrent state is not: it is refused (``_is_stateful``). ``use_cache=False`` runs
+the whole sequence every step (slower, same tokens).
 
-Decoding: no cache yet; each ``generate()`` step runs the full sequence again (``prepare_inputs_for_generation``
-keeps the whole prefix when ``cache`` is None). A decode cache plugs into ``forward``'s ``cache`` argument.
+Padding: rows are left-padded (``attention_mask`` 1 = token, 0 = padding). Pads are invisible: no real token
+attends to, or carries recurrent state from, a padding position, and positions (RoPE in gated GQA) count real
+tokens only. Without a cache right padding works too (pads become a document of their own).
 
 Shape legend: B batch, T tokens, V vocabulary.
 """
@@ -24,6 +29,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from attnres_train.model import HybridDecoder
+from attnres_train.model.cache import DecodeCache
 from attnres_train.model.moe import MoE
 
 from .hf_config import AttnResConfig
@@ -31,13 +37,18 @@ from .hf_config import AttnResConfig
 IGNORE_INDEX = -100
 
 
-def doc_ids_from_attention_mask(attention_mask_BT: torch.Tensor) -> torch.Tensor:
-    """A new document wherever the mask switches between padding and tokens: ``[0, 0, 1, 1] -> [0, 0, 1, 1]``,
-    ``[1, 1, 0] -> [0, 0, 1]``."""
-    mask_BT = attention_mask_BT.to(torch.long)
-    switches_BT = torch.zeros_like(mask_BT)
-    switches_BT[:, 1:] = (mask_BT[:, 1:] != mask_BT[:, :-1]).to(torch.long)
-    return switches_BT.cumsum(dim=1)
+def new_columns_mask(attention_mask_BS: Optional[torch.Tensor], cache: DecodeCache, num_new: int):
+    """The mask of the ``num_new`` new columns: transformers passes the whole sequence's (``cache.columns +
+    num_new`` wide), callers of the decoder may pass the new columns' only."""
+    if attention_mask_BS is None:
+        return None
+    width = attention_mask_BS.shape[-1]
+    if width == cache.columns + num_new:
+        return attention_mask_BS[:, -num_new:]
+    if width == num_new:
+        return attention_mask_BS
+    raise ValueError(f"attention_mask has {width} columns; with a cache holding {cache.columns} columns and "
+                     f"{num_new} new tokens expected {cache.columns + num_new} (whole sequence) or {num_new} (new only)")
 
 
 class AttnResForCausalLM(PreTrainedModel, GenerationMixin):
@@ -45,6 +56,7 @@ class AttnResForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "model"
     main_input_name = "input_ids"
     _no_split_modules = ["DecoderLayer"]
+    _is_stateful = True  # a recurrent state cannot be rolled back to an earlier token (assisted generation)
 
     def __init__(self, config: AttnResConfig):
         super().__init__(config)
@@ -55,7 +67,7 @@ class AttnResForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
-        return False  # transformers' DynamicCache does not hold recurrent or latent states
+        return False  # transformers' DynamicCache does not hold recurrent or latent states: forward builds ours
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         # The decoder initialises itself; only the non-persistent MoE load counters are not in a checkpoint.
@@ -78,35 +90,48 @@ class AttnResForCausalLM(PreTrainedModel, GenerationMixin):
         self,
         input_ids: torch.LongTensor,
         attention_mask: Optional[torch.Tensor] = None,
-        cache: Optional[Any] = None,
+        cache: Optional[DecodeCache] = None,
         use_cache: Optional[bool] = None,
         labels: Optional[torch.LongTensor] = None,
         logits_to_keep: int = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """``input_ids [B, T]``; ``attention_mask [B, T]`` (optional, padding anywhere); ``labels [B, T]`` gives
-        the mean next-token loss (``-100`` ignored; shifted inside, as in transformers). ``cache`` (alias
-        ``past_key_values``) and ``use_cache`` are accepted for generate(); no cache is kept yet, so the whole
-        sequence must be passed each call. ``logits_to_keep`` > 0 returns only the last that many positions."""
+        """``input_ids [B, T]``; ``attention_mask`` (optional) ``[B, T]``, or ``[B, past + T]`` with a cache;
+        ``labels [B, T]`` gives the mean next-token loss (``-100`` ignored; shifted inside, as in transformers).
+        ``use_cache=True`` without a cache starts one (returned as ``cache``, alias ``past_key_values``);
+        with ``cache`` the T tokens continue the cached rows. ``logits_to_keep`` > 0 returns only the last that
+        many positions."""
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)  # the name before transformers 5.24
+        if cache is None and use_cache and labels is None:
+            cache = self.model.new_cache(input_ids.shape[0], input_ids.shape[1])
         if cache is not None:
-            raise ValueError("AttnResForCausalLM keeps no decode cache yet: pass the whole sequence with cache=None")
-        doc_ids_BT = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            doc_ids_BT = doc_ids_from_attention_mask(attention_mask)
-        logits_BTV = self.model(input_ids, doc_ids=doc_ids_BT).logits
+            if not isinstance(cache, DecodeCache):
+                raise TypeError(f"cache must be the DecodeCache this model returned, got {type(cache).__name__}")
+            if labels is not None:
+                raise ValueError("labels cannot be combined with a decode cache: compute a loss with use_cache=False")
+            mask_BT = new_columns_mask(attention_mask, cache, input_ids.shape[1])
+            logits_BTV = self.model(input_ids, attention_mask=mask_BT, cache=cache,
+                                    logits_to_keep=logits_to_keep).logits
+            return CausalLMOutputWithPast(logits=logits_BTV, cache=cache)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # the unpadded (faster) path
+        logits_BTV = self.model(input_ids, attention_mask=attention_mask,
+                                logits_to_keep=0 if labels is not None else logits_to_keep).logits
         loss = None
         if labels is not None:
             shifted_BT = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
             loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), shifted_BT.flatten(), ignore_index=IGNORE_INDEX)
-        if logits_to_keep:
-            logits_BTV = logits_BTV[:, -logits_to_keep:]
-        return CausalLMOutputWithPast(loss=loss, logits=logits_BTV, past_key_values=None)
+            if logits_to_keep:
+                logits_BTV = logits_BTV[:, -logits_to_keep:]
+        return CausalLMOutputWithPast(loss=loss, logits=logits_BTV)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, next_sequence_length: Optional[int] = None,
-                                      cache: Optional[Any] = None, **kwargs: Any) -> dict:
-        if cache is None:  # no decode cache: every step sees the whole sequence
-            next_sequence_length = None
-        inputs = super().prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
-                                                       cache=cache, **kwargs)
-        inputs.pop("position_ids", None)  # positions follow from attention_mask (per-document)
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict:
+        inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        inputs.pop("position_ids", None)  # positions follow from the mask (real tokens only) and the cache
         return inputs
+
+    def _reorder_cache(self, cache: DecodeCache, beam_idx: torch.Tensor) -> DecodeCache:
+        """Beam search: row i of the next step continues row ``beam_idx[i]``."""
+        cache.reorder(beam_idx)
+        return cache

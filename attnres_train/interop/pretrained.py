@@ -4,7 +4,7 @@
   * a complete training checkpoint (``step_*`` with its ``COMPLETE`` marker; plain, pipelined or ZeRO-3);
   * a Hugging Face directory of the native Kimi Linear model (``model_type: kimi_linear``; published checkpoints
     too) or of this package's ``attnres`` model type, as ``attnres-export`` writes them;
-  * an exported ``.pt`` file (``python -m attnres_train.train.export``).
+  * a file exported by ``python -m attnres_train.train.export`` (``.pt``).
 ``write_hf_directory`` writes the Hugging Face directories. The tokenizer travels as a spec: ``"byte"`` or a
 directory / hub name ``transformers.AutoTokenizer`` loads; a directory records it in ``attnres_tokenizer.json``
 when it holds no tokenizer files of its own (the byte tokenizer has none).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -54,19 +55,23 @@ class ModelSource:
 
 def read_model_source(path: Path | str) -> ModelSource:
     path = Path(path)
-    if path.is_file() and path.suffix == ".pt":
+    if path.is_file():
         from attnres_train.train.checkpoint import CheckpointError, load_weights_only
 
+        if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; say so before any unpickling
+            raise InteropError(f"{path}: not a model export (not a file written by torch.save)")
         try:
             payload = load_weights_only(path)
         except CheckpointError as exc:
             raise InteropError(str(exc)) from None
         except Exception as exc:  # a zip/pickle error of any kind means: not a torch file
-            raise InteropError(f"{path}: not a model file ({type(exc).__name__}: {exc})") from None
-        if not isinstance(payload, dict) or "model_config" not in payload:
-            raise InteropError(f"{path}: not a model file written by attnres_train.train.export")
+            raise InteropError(f"{path}: not a model export (torch.load failed: {type(exc).__name__})") from None
+        if not (isinstance(payload, dict) and isinstance(payload.get("model_config"), dict)
+                and isinstance(payload.get("state_dict"), dict)):
+            raise InteropError(f"{path}: not a model export (expected a file written by attnres_train.train.export "
+                               "holding 'model_config' and 'state_dict')")
         cfg = _model_config(with_legacy_fields(payload["model_config"]), path)
-        return ModelSource(cfg, dict(payload["state_dict"]), None, "pt")
+        return ModelSource(cfg, _known_tensors(payload["state_dict"], cfg, path), None, "pt")
     if not path.is_dir():
         raise InteropError(f"{path}: no such checkpoint directory, Hugging Face directory or .pt file")
     from attnres_train.train.checkpoint import MARKER_NAME
@@ -95,10 +100,15 @@ def _read_checkpoint(tag_dir: Path) -> ModelSource:
     except CheckpointError as exc:
         raise InteropError(str(exc)) from None
     cfg = _model_config(fields, tag_dir)
+    return ModelSource(cfg, _known_tensors(state, cfg, tag_dir), _run_tokenizer(tag_dir), "checkpoint")
+
+
+def _known_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
+    """The decoder's tensors of a training-side state dict (which may hold more), shapes checked against ``cfg``."""
     expected = _expected_shapes(cfg)
     state = {name: value for name, value in state.items() if name in expected}
-    _check_shapes(state, expected, tag_dir)
-    return ModelSource(cfg, state, _run_tokenizer(tag_dir), "checkpoint")
+    _check_shapes(state, expected, where)
+    return state
 
 
 def _run_tokenizer(tag_dir: Path) -> Optional[str]:
@@ -287,7 +297,7 @@ def write_hf_directory(source: ModelSource, out_dir: Path, fmt: str = "auto", dt
         tensors = to_kimi_linear_state(state, cfg)
     else:
         config = {"architectures": ["AttnResForCausalLM"], "model_type": OWN_MODEL_TYPE, "attnres": cfg.to_dict(),
-                  "tie_word_embeddings": cfg.tie_embeddings, "use_cache": False, **special}
+                  "tie_word_embeddings": cfg.tie_embeddings, **special}
         tensors = {f"model.{name}": value.contiguous() for name, value in state.items()
                    if not (cfg.tie_embeddings and name == "lm_head.weight")}
     config["dtype"] = str(written_dtype).removeprefix("torch.")

@@ -48,6 +48,22 @@ def test_eos_ends_a_row_and_is_not_returned(model):
     assert events == [(0, t) for t in out[0]] + [(0, None)]
 
 
+
+def test_on_token_can_end_one_row_early(model):
+    prompts = [[4, 9, 2], [7, 7]]
+    greedy = [full_forward_greedy(model, p, 5) for p in prompts]
+    events = []
+
+    def stop_row_one_at_its_second_token(row, token):
+        events.append((row, token))
+        return row == 1 and sum(1 for r, t in events if r == 1 and t is not None) == 2
+
+    out = generate(model, prompts, SamplingConfig(max_new_tokens=5, temperature=0.0),
+                   on_token=stop_row_one_at_its_second_token)
+    assert out == [greedy[0], greedy[1][:2]]
+    assert [t for r, t in events if r == 1] == greedy[1][:2] + [None]
+
+
 @torch.no_grad()
 def test_sampling_is_reproducible_per_seed_and_top_p_near_zero_is_greedy(model):
     prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]

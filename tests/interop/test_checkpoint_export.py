@@ -84,6 +84,31 @@ def test_import_of_the_export_gives_identical_tensors(native_dir, zero3_checkpoi
     assert all(torch.equal(weights[name], value) for name, value in saved.state.items())
 
 
+def test_a_run_started_from_the_export_has_its_loss_on_the_first_batch(native_dir, tmp_path):
+    """attnres-train ... train.init_from=EXPORT: step 1's logged loss is the exported model's loss on the batch the
+    run trained on (a run from its own random init, or any other weights, logs another loss)."""
+    import yaml
+
+    from attnres_train.data import build_train_loader
+    from attnres_train.generate import load_for_generation
+    from attnres_train.model.loss import language_model_loss
+
+    run_dir = tmp_path / "run"
+    check_ok(run_train([*TINY_ARGS, "model.residual=standard", "train.max_steps=1", f"train.init_from={native_dir}",
+                        "train.val_every=0", f"run_dir={run_dir}"], cwd=tmp_path))
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert logged["step"] == 1
+    resolved = yaml.safe_load((run_dir / "resolved_config.yaml").read_text())
+    train = resolved["train"]
+    loader = build_train_loader(resolved["data"], micro_batch_size=train["micro_batch_size"], seed=train["seed"],
+                                grad_accum_steps=train["grad_accum_steps"])
+    batch = next(loader)
+    model = load_for_generation(native_dir).model
+    with torch.no_grad():
+        loss = language_model_loss(model(batch["input_ids"], doc_ids=batch["doc_ids"]).logits, batch["labels"])
+    assert logged["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
 def test_init_from_names_every_field_that_differs(native_dir, zero3_checkpoint):
     cfg = read_model_source(zero3_checkpoint).model_cfg
     other = type(cfg).from_mapping({**cfg.to_dict(), "hidden_size": 32, "routed_scaling_factor": 2.0})
@@ -102,6 +127,26 @@ def test_eval_matches_the_runs_validation_loss(zero3_checkpoint):
     assert record["source"] == "stdlib" and record["tokens"] == 128 and record["bytes"] <= 128
     assert record["loss"] == pytest.approx(val_loss, rel=1e-5)
     assert record["bits_per_byte"] == pytest.approx(record["loss"] * record["tokens"] / record["bytes"] / 0.6931471805599453)
+
+
+def test_generate_and_eval_read_the_native_export_like_the_checkpoint(native_dir, zero3_checkpoint, capsys):
+    import io
+
+    from attnres_train.evaluation.held_out import main as eval_main
+    from attnres_train.generate.cli import parse_args, run as generate_run
+
+    run_dir = zero3_checkpoint.parent.parent
+    val_loss = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in line][-1]["val_loss"]
+    eval_main([str(native_dir), "--data", "seq_len=64", "--batches", "1", "--batch-size", "2"])
+    (record,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert record["loss"] == pytest.approx(val_loss, rel=1e-5)
+    texts = []
+    for path in (zero3_checkpoint, native_dir):
+        out = io.StringIO()
+        generate_run(parse_args([str(path), "--prompt", "def ", "--max-new-tokens", "8", "--temperature", "0"]), out)
+        texts.append(out.getvalue())
+    assert texts[0] == texts[1] and texts[0].startswith("def ")
 
 
 def test_cli_refusals_are_one_line_and_nonzero(native_dir, zero3_checkpoint, tmp_path):

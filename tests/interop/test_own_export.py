@@ -35,7 +35,11 @@ def _source(**fields) -> ModelSource:
 
 @pytest.mark.parametrize("linear,full,residual", COMBOS)
 def test_own_export_loads_and_generates_like_the_decoder(linear, full, residual, tmp_path):
+    """generate() decodes with the DecodeCache (left-padded batch): greedy tokens are the decoder's full-forward
+    argmax; greedy, sampled and beam-search output equal generate(use_cache=False)."""
     from transformers import AutoModelForCausalLM
+
+    from attnres_train.model.cache import DecodeCache, RecurrentCache
 
     source = _source(linear_mixer=linear, full_mixer=full, residual=residual,
                      router_score="softmax" if full == "gqa" else "sigmoid")
@@ -48,7 +52,14 @@ def test_own_export_loads_and_generates_like_the_decoder(linear, full, residual,
     prompts = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(prompts)
     mask[1, :4] = 0  # the second prompt is left-padded: 5 real tokens
-    out = model.generate(prompts, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=257)
+    common = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=257)
+    result = model.generate(prompts, do_sample=False, return_dict_in_generate=True, **common)
+    out, cache = result.sequences, result.cache
+    assert isinstance(cache, DecodeCache) and cache.columns == 9 + 4 - 1  # the last token is never fed back
+    fresh = model.model.new_cache(2, 1)
+    for layer, kept, new in zip(cache.layers, cache.state_numel(), fresh.state_numel()):
+        if isinstance(layer, RecurrentCache):
+            assert kept == new  # a linear layer's state does not grow with the context
     with torch.no_grad():
         for row, start in ((0, 0), (1, 4)):
             sequence = out[row:row + 1, start:]
@@ -58,8 +69,41 @@ def test_own_export_loads_and_generates_like_the_decoder(linear, full, residual,
             expected = decoder(sequence).logits[0, 8 - start:-1].argmax(-1)[:len(new_tokens)]
             assert expected.tolist() == new_tokens, (row, sequence)
         torch.testing.assert_close(model(prompts[:1]).logits, decoder(prompts[:1]).logits, atol=0, rtol=0)
+    assert torch.equal(model.generate(prompts, do_sample=False, use_cache=False, **common), out)
+    for kind in ({"do_sample": True, "top_p": 0.9, "num_return_sequences": 2}, {"num_beams": 3, "do_sample": False}):
+        outputs = []
+        for use_cache in (True, False):
+            torch.manual_seed(3)
+            outputs.append(model.generate(prompts, use_cache=use_cache, **kind, **common))
+        assert torch.equal(*outputs), kind
     back = read_model_source(tmp_path / "out")
     assert all(torch.equal(back.state[name], value) for name, value in source.state.items())
+
+
+def test_cached_forward_takes_the_whole_mask_or_the_new_columns(tmp_path):
+    """What transformers passes (the mask of the whole sequence) and what a caller of forward may pass (the new
+    columns only) give the same logits as one full forward; a mask of neither width is refused."""
+    from attnres_train.interop.hf_config import AttnResConfig
+    from attnres_train.interop.hf_model import AttnResForCausalLM
+
+    source = _source(residual="block_attnres")
+    model = AttnResForCausalLM(AttnResConfig(attnres=source.model_cfg.to_dict())).eval()
+    model.model.load_state_dict(source.state)
+    ids = torch.randint(0, 256, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask).logits
+        for whole in (True, False):
+            prefill = model(ids[:, :5], attention_mask=mask[:, :5], use_cache=True)
+            cache, logits = prefill.cache, [prefill.logits]
+            for column in (5, 6):
+                step_mask = mask[:, :column + 1] if whole else mask[:, column:column + 1]
+                logits.append(model(ids[:, column:column + 1], attention_mask=step_mask, cache=cache).logits)
+            torch.testing.assert_close(torch.cat(logits, 1)[1], full[1], atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.cat(logits, 1)[0, 3:], full[0, 3:], atol=1e-4, rtol=0)
+        with pytest.raises(ValueError, match="attention_mask has 3 columns; with a cache holding 7 columns"):
+            model(ids[:, :1], attention_mask=mask[:, :3], cache=cache)
 
 
 def test_native_target_refuses_a_nonzero_gate_bias_and_attnres(tmp_path):
@@ -135,3 +179,25 @@ def test_lm_eval_runs_loglikelihood_and_generate_until_on_an_export(tmp_path):
     with torch.no_grad():
         logits = lm.model(torch.tensor([list(b"abcde")])).logits.log_softmax(-1)[0]
     assert logprob == pytest.approx(float(logits[2, ord("d")] + logits[3, ord("e")] + logits[4, ord("f")]), abs=1e-5)
+
+    # generate_until decodes with the cache, batched: the text of full-forward greedy decoding, cut at the stop.
+    from lm_eval.api.instance import Instance
+
+    def full_forward_text(context: str, steps: int) -> str:
+        ids = list(context.encode())
+        with torch.no_grad():
+            for _ in range(steps):
+                next_id = int(lm.model(torch.tensor([ids])).logits[0, -1].argmax())
+                if next_id == 256:
+                    break
+                ids.append(next_id)
+        return bytes(ids[len(context.encode()):]).decode(errors="replace")
+
+    contexts = ["abc", "hello there", "q"]
+    expected = [full_forward_text(c, 6) for c in contexts]
+    stop = next((ch for text in expected for ch in text[1:3] if ch != "\ufffd"), None)
+    assert stop is not None  # some continuation has a character to stop at
+    requests = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 6}), i)
+                for i, c in enumerate(contexts)]
+    lm.batch_size = 2
+    assert lm.generate_until(requests) == [text.split(stop)[0] for text in expected]
