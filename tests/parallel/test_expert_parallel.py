@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from cli_helpers import (  # noqa: E402
@@ -117,6 +118,24 @@ def test_resume_across_expert_parallel_degrees_and_export(runs, tmp_path):
 
     model = load_exported(exported)
     assert model.moe_layers()[0].w_gate.shape[0] == model.config.num_experts
+
+
+def test_planner_all_to_all_bytes_match_the_logged_bytes(runs):
+    """The run planner's all-to-all model (balanced routing) against the bytes the straight EP=2 run logged; the
+    balancing bias keeps the loads near even, so the two agree to within the routing imbalance."""
+    from attnres_train.model import ModelConfig
+    from attnres_train.plan.layouts import expert_all_to_all_bytes
+    from attnres_train.plan.memory import Layout
+    from attnres_train.plan.model_facts import model_facts
+    from attnres_train.train.cli import config_dir
+
+    config = ModelConfig.from_mapping(yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text()))
+    facts = model_facts(config, 64)
+    layout = Layout(1, 2, 2, 1, 2, False)
+    predicted = expert_all_to_all_bytes(facts, layout, range(config.num_layers), element=4)
+    for record in train_records(runs / "straight"):
+        logged = record["expert_all_to_all_bytes_per_step"]
+        assert abs(logged - predicted) <= 0.2 * predicted, (record["step"], logged, predicted)
 
 
 @pytest.mark.long
