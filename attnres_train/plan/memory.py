@@ -29,7 +29,8 @@ flash attention on GPU, which recompute their intra-chunk products and chunk sta
 - LM head: input D, logits and log-softmax 2 V_vocab (fp32), and their gradient during backward V_vocab.
 
 With activation checkpointing (every sublayer) a layer keeps its sublayer inputs and AttnRes stacks, and one
-sublayer's full activations exist at a time during recomputation. A pipeline stage s of P holds the activations
+sublayer's full activations exist at a time during recomputation. That estimate is NOT yet validated: a CPU run of
+the small preset peaked 24% above it (the recomputed pure-torch KDA sublayer holds more than what it saves). A pipeline stage s of P holds the activations
 of min(P - s, m) micro-batches (1F1B schedule, m micro-batches per step).
 
 Shape legend: D hidden, H heads, N value heads, K/V key/value head dims, K_all/V_all their totals, C chunk, c
