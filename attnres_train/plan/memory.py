@@ -10,8 +10,10 @@ experts, whose slice a rank holds is already 1 / EP of them):
     2      e         e / d + 4 / d                (4 + 8) / d
     3      e / d     e / d + 4 / d                (4 + 8) / d  (+ the gathered weights of the largest layer)
 
-plus the optimizer step's workspace: torch's multi-tensor AdamW makes two fp32 temporaries of every parameter
-it steps (8 bytes per parameter of the rank's optimizer shard).
+plus the step's workspace: torch's multi-tensor AdamW makes two fp32 temporaries of every parameter it steps (8
+bytes per parameter of the rank's optimizer shard), and with d > 1 DeepSpeed's flat communication buffers, e bytes
+per parameter up to its bucket size (5e8 elements) each: the gradient reduction bucket and, under ZeRO-1/2, the
+bucket gathering the updated weight partitions back.
 
 Activations, in elements per token kept for the backward pass, per component (what autograd saves in this
 repository's implementations; "reference" = the pure-torch paths used on CPU, "kernels" = fla's chunk kernels and
@@ -29,8 +31,8 @@ flash attention on GPU, which recompute their intra-chunk products and chunk sta
 - LM head: input D, logits and log-softmax 2 V_vocab (fp32), and their gradient during backward V_vocab.
 
 With activation checkpointing (every sublayer) a layer keeps its sublayer inputs and AttnRes stacks, and one
-sublayer's full activations exist at a time during recomputation. That estimate is NOT yet validated: a CPU run of
-the small preset peaked 24% above it (the recomputed pure-torch KDA sublayer holds more than what it saves). A pipeline stage s of P holds the activations
+sublayer's full activations exist at a time during recomputation. That estimate is NOT yet validated: CPU runs of
+the small preset peaked 12% (ZeRO-0) to 24% (ZeRO-1) above it. A pipeline stage s of P holds the activations
 of min(P - s, m) micro-batches (1F1B schedule, m micro-batches per step).
 
 Shape legend: D hidden, H heads, N value heads, K/V key/value head dims, K_all/V_all their totals, C chunk, c
@@ -44,6 +46,7 @@ from dataclasses import dataclass
 from .model_facts import ModelFacts
 
 GiB = 1024 ** 3
+DEEPSPEED_BUCKET_ELEMENTS = 5e8  # DeepSpeed's default reduce_bucket_size and allgather_bucket_size
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,11 @@ def state_bytes(dense: float, expert_local: float, layout: Layout, precision: st
             optimizer = 12 * count / d if bf16 else 8 * count
         else:
             optimizer = 12 * count / d
-        return weights, gradients, optimizer, 8 * stepped
+        workspace = 8 * stepped
+        if d > 1:
+            buckets = 1 if zero in (0, 3) else 2
+            workspace += buckets * e * min(count, DEEPSPEED_BUCKET_ELEMENTS)
+        return weights, gradients, optimizer, workspace
 
     dense_states = one(dense, dp)
     expert_states = one(expert_local, edp)

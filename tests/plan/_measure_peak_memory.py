@@ -1,9 +1,10 @@
 """Worker of ``test_planner.py``: peak memory of real training steps on CPU, for one layout.
 
 ``python _measure_peak_memory.py PRESET SEQ_LEN MICRO_BATCH ZERO_STAGE CHECKPOINTING STEPS`` builds the model,
-optimizer and DeepSpeed engine as the trainer does (one gloo rank, fp32), runs STEPS steps on random tokens and
-prints one JSON line: the rise of the process's peak resident memory (VmHWM, reset through
-``/proc/self/clear_refs`` after the imports and the process group) over the resident memory at that point.
+optimizer and DeepSpeed engine as the trainer does (one gloo rank, or data-parallel ranks under torchrun; fp32),
+runs STEPS steps on random tokens and prints one JSON line: the largest rise over the ranks of a process's peak
+resident memory (VmHWM, reset through ``/proc/self/clear_refs`` after the imports and the process group) over
+its resident memory at that point.
 Run with ``MALLOC_MMAP_THRESHOLD_`` set low so freed tensors go back to the system instead of glibc's heap.
 """
 
@@ -28,11 +29,13 @@ def main(preset: str, seq_len: int, micro_batch: int, zero_stage: int, checkpoin
     import yaml
 
     torch.set_num_threads(1)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      DS_ACCELERATOR="cpu")
+    if "RANK" not in os.environ:  # a plain process: one rank; under torchrun: its ranks (data parallel)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    world = int(os.environ["WORLD_SIZE"])
     import deepspeed
 
     from attnres_train.model import ModelConfig, build_model
@@ -62,13 +65,16 @@ def main(preset: str, seq_len: int, micro_batch: int, zero_stage: int, checkpoin
     scheduler = build_lr_scheduler(optimizer, optim, total_steps=steps)
     train = TrainConfig(micro_batch_size=micro_batch, precision="fp32", device="cpu")
     engine = initialize_engine(model, optimizer, scheduler,
-                               deepspeed_config(train, ParallelConfig(zero_stage=zero_stage), 1.0, "fp32", 1))
+                               deepspeed_config(train, ParallelConfig(zero_stage=zero_stage), 1.0, "fp32", world))
     for _ in range(steps):
         out = engine(input_ids, doc_ids=doc_ids)
         engine.backward(language_model_loss(out.logits, labels) + out.aux_loss)
         engine.step()
     peak_kib = _status_kib("VmHWM")
-    print(json.dumps({"peak_rise_bytes": (peak_kib - baseline_kib) * 1024}), flush=True)
+    rise = torch.tensor([(peak_kib - baseline_kib) * 1024], dtype=torch.float64)
+    torch.distributed.all_reduce(rise, op=torch.distributed.ReduceOp.MAX)
+    if torch.distributed.get_rank() == 0:
+        print(json.dumps({"peak_rise_bytes": int(rise.item()), "ranks": world}), flush=True)
 
 
 if __name__ == "__main__":

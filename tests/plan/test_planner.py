@@ -1,5 +1,5 @@
 """The run planner against real runs: its memory model against the peak memory of CPU training steps (the small
-preset under ZeRO 0, 1 and 2 and two micro-batch sizes), its pipeline boundary bytes against what the trainer
+preset under ZeRO 0, 1 and 2, one and two ranks), its pipeline boundary bytes against what the trainer
 writes to ``model_summary.json``; the 48B table's structure; the CLI's refusals. (Its expert all-to-all bytes
 are checked against a logged EP=2 run in ``tests/parallel/test_expert_parallel.py``.)"""
 
@@ -29,18 +29,22 @@ def preset(name: str) -> ModelConfig:
     return ModelConfig.from_mapping(yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text()))
 
 
-LAYOUTS = [(128, 1, 0), (128, 2, 1), (128, 4, 2)]  # (seq_len, micro_batch, zero_stage) of the small preset
+# (seq_len, micro_batch, zero_stage, data-parallel ranks) of the small preset
+LAYOUTS = [(128, 1, 0, 1), (128, 2, 1, 1), (128, 2, 2, 2)]
 
 
 def measure_peak_rises(name: str, layouts) -> list[int]:
-    """Peak memory rise of two real training steps per layout, each in its own process, all at once."""
+    """Peak memory rise of two real training steps per layout, each in its own launch, all at once."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    processes = [subprocess.Popen([sys.executable, str(HERE / "_measure_peak_memory.py"), name, str(seq_len),
-                                   str(micro_batch), str(zero_stage), "0", "2"], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
-                 for seq_len, micro_batch, zero_stage in layouts]
+    processes = []
+    for seq_len, micro_batch, zero_stage, ranks in layouts:
+        launcher = [sys.executable] if ranks == 1 else [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                                                        f"--nproc_per_node={ranks}"]
+        processes.append(subprocess.Popen([*launcher, str(HERE / "_measure_peak_memory.py"), name, str(seq_len),
+                                           str(micro_batch), str(zero_stage), "0", "2"], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     rises = []
     for process in processes:
         stdout, stderr = process.communicate(timeout=300)
@@ -52,12 +56,12 @@ def measure_peak_rises(name: str, layouts) -> list[int]:
 @pytest.mark.slow
 def test_memory_model_matches_measured_peak():
     """One rank, fp32, reference (pure-torch) implementations: weights, gradients, optimizer states, the step's
-    workspace and the activations of one micro-batch against the peak resident memory of two real steps, for
-    ZeRO 0, 1 and 2 and micro-batches of 1, 2 and 4."""
+    workspace and the activations of one micro-batch against the peak resident memory of two real steps: ZeRO-0
+    and ZeRO-1 on one rank (micro-batches of 1 and 2), ZeRO-2 sharding over 2 data-parallel ranks."""
     config = preset("small")
     report = []
-    for (seq_len, micro_batch, zero_stage), measured in zip(LAYOUTS, measure_peak_rises("small", LAYOUTS)):
-        layout = Layout(1, 1, 1, zero_stage, micro_batch, False)
+    for (seq_len, micro_batch, zero_stage, ranks), measured in zip(LAYOUTS, measure_peak_rises("small", LAYOUTS)):
+        layout = Layout(1, 1, ranks, zero_stage, micro_batch, False)
         predicted = estimate_memory(model_facts(config, seq_len), layout, [range(config.num_layers)], "fp32",
                                     kernels=False, micro_batches_per_step=1).total
         report.append((layout.describe(), round(predicted / 2**20), round(measured / 2**20)))
@@ -146,7 +150,20 @@ def test_48b_plan_ranks_fitting_layouts_by_speed():
     (["--model", "tiny", "--global-batch", "3", "--nodes", "1"], "--global-batch 3"),
 ])
 def test_cli_refuses_bad_input_in_one_line(argv, named):
-    result = subprocess.run([sys.executable, "-m", "attnres_train.plan.cli", *argv], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    assert named in result.stderr.strip().splitlines()[-1]
+    from attnres_train.plan.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(argv)
+    message = str(refused.value)
+    assert message.startswith("error: ") and "\n" not in message and named in message, message
+
+
+def test_cli_prints_the_ranked_table(capsys, tmp_path):
+    from attnres_train.plan.cli import main
+
+    main(["--model", "small", "--seq-len", "512", "--global-batch", "16", "--nodes", "1", "--gpus-per-node", "4",
+          "--rows", "3", "--json", str(tmp_path / "plan.json")])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + 3 and "tokens/s" in table[0]
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert len(written) > 3 and all(row["data_parallel"] * row["pipeline_stages"] == 4 for row in written)
