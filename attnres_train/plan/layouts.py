@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from .hardware import Cluster
-from .memory import Layout, MemoryEstimate, estimate_memory
+from .memory import GiB, Layout, MemoryEstimate, estimate_memory, stage_parameters
 from .model_facts import ModelFacts
 
 
@@ -47,7 +47,6 @@ class Plan:
     time: StepTime
     tokens_per_second: float
     fits: bool
-    note: str = ""
 
 
 def divisors(n: int) -> list[int]:
@@ -106,8 +105,6 @@ def evaluate(facts: ModelFacts, layout: Layout, cluster: Cluster, global_batch: 
     boundary = boundary_bytes_per_micro_batch(facts, partition, layout.micro_batch, element) if P > 1 else []
     boundary_time = sum(micro_batches * 2 * b / _bandwidth(cluster, DP + 1) for b in boundary)
 
-    from .memory import stage_parameters
-
     reduce_time = 0.0
     for dense, expert in stage_parameters(facts, stage_layers):
         t = 0.0
@@ -162,7 +159,6 @@ def rank_plans(facts: ModelFacts, cluster: Cluster, global_batch: int, precision
 
 
 def format_table(plans: list[Plan], rows: Optional[int] = None) -> str:
-    GiB = 1024 ** 3
     header = ("| # | layout | weights | grads | optim+ws | activations | total GiB | fits | compute s | a2a s | "
               "p2p s | grad-reduce s | step s | tokens/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
