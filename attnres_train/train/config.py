@@ -143,6 +143,24 @@ def validate_parallel(parallel: ParallelConfig) -> None:
         raise RunConfigError(f"parallel.dist_backend={parallel.dist_backend!r}: expected auto, nccl or gloo")
 
 
+def validate_expert_parallel(parallel: ParallelConfig, model: ModelConfig, dp_world: int, precision: str) -> None:
+    """The layout checks of ``parallel.expert_parallel`` that need the model and the data-parallel degree."""
+    experts = parallel.expert_parallel
+    if experts == 1:
+        return
+    field_name = f"parallel.expert_parallel={experts}"
+    if "moe" not in model.mlp_kinds():
+        raise RunConfigError(f"{field_name}: the model has no MoE layers (model.mlp={model.mlp!r}, a dense "
+                             "preset); expert parallelism needs an MoE model or parallel.expert_parallel=1")
+    if model.num_experts % experts:
+        raise RunConfigError(f"{field_name}: must divide model.num_experts={model.num_experts}")
+    if dp_world % experts:
+        raise RunConfigError(f"{field_name}: must divide the data-parallel degree ({dp_world} ranks)")
+    if precision == "bf16" and parallel.zero_stage == 0:
+        raise RunConfigError(f"{field_name} with train.precision=bf16 and parallel.zero_stage=0: DeepSpeed's bf16 "
+                             "optimizer without ZeRO mis-counts expert gradient norms; use parallel=zero1 or zero2")
+
+
 def validate_logger(logger: LoggerConfig) -> None:
     if logger.backend not in LOGGER_BACKENDS:
         raise RunConfigError(f"logger.backend={logger.backend!r}: expected one of {LOGGER_BACKENDS}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -59,12 +60,20 @@ from .config import (
     ParallelConfig,
     RunConfigError,
     TrainConfig,
+    validate_expert_parallel,
     validate_logger,
     validate_parallel,
     validate_train,
 )
 from .divergence import NonFiniteStepGuard
-from .engine import DistributedContext, deepspeed_config, initialize_engine, resolve_precision, setup_distributed
+from .engine import (
+    DistributedContext,
+    deepspeed_config,
+    initialize_engine,
+    resolve_device,
+    resolve_precision,
+    setup_distributed,
+)
 from .metrics import MetricsLogger, peak_flops_per_device
 from .optim import OptimConfig, build_optimizer, param_group_names
 from .pipelined import build_stage_module, clip_by_global_norm, needs_own_clipping, pipeline_batches, pipeline_traffic
@@ -230,6 +239,7 @@ class Trainer:
     def run(self) -> dict:
         if self.train_cfg.num_threads:
             torch.set_num_threads(self.train_cfg.num_threads)
+        self._check_layout(int(os.environ.get("WORLD_SIZE", "1")))  # before any rendezvous: refusals are quick
         ctx = setup_distributed(self.parallel_cfg, self.train_cfg)
         lock = self._lock_run_dir(ctx)
         try:
@@ -237,6 +247,16 @@ class Trainer:
         finally:
             if lock is not None:
                 lock.release()
+
+    def _check_layout(self, world_size: int) -> None:
+        """The parallel layout against the number of processes and the model."""
+        stages = self.parallel_cfg.pipeline_stages
+        if world_size % stages:
+            raise RunConfigError(
+                f"parallel.pipeline_stages={stages}: must divide the number of processes ({world_size})"
+            )
+        precision = resolve_precision(self.train_cfg, resolve_device(self.train_cfg))
+        validate_expert_parallel(self.parallel_cfg, self.model_cfg, world_size // stages, precision)
 
     def _lock_run_dir(self, ctx: DistributedContext) -> Optional[RunDirLock]:
         """Rank 0 holds the run_dir lock; every rank learns whether it got it, so all of them stop together."""
@@ -306,13 +326,8 @@ class Trainer:
         train = self.train_cfg
         precision = resolve_precision(train, ctx.device)
         stages = self.parallel_cfg.pipeline_stages
-        if ctx.world_size % stages:
-            raise RunConfigError(
-                f"parallel.pipeline_stages={stages}: must divide the number of processes ({ctx.world_size})"
-            )
         # DeepSpeed's pipe x data topology numbers ranks data-fastest: rank = stage * dp_world + dp_rank.
         dp_world, dp_rank = ctx.world_size // stages, ctx.rank % (ctx.world_size // stages)
-        self._check_expert_parallel(dp_world, precision)
 
         tokenizer = build_tokenizer(self.data_cfg)
         if self.model_cfg.vocab_size < tokenizer.vocab_size:
@@ -592,22 +607,6 @@ class Trainer:
         return {"pipeline_stages": stages, "pipeline_parts": list(trained_module.parts) if stages > 1 else None,
                 "zero_stage": self.parallel_cfg.zero_stage, "precision": precision, "data_parallel": dp_world,
                 "optimizer": self.optim_cfg.name, "expert_parallel": self.parallel_cfg.expert_parallel}
-
-    def _check_expert_parallel(self, dp_world: int, precision: str) -> None:
-        experts = self.parallel_cfg.expert_parallel
-        if experts == 1:
-            return
-        field = f"parallel.expert_parallel={experts}"
-        if "moe" not in self.model_cfg.mlp_kinds():
-            raise RunConfigError(f"{field}: the model has no MoE layers (model.mlp={self.model_cfg.mlp!r}, a dense "
-                                 "preset); expert parallelism needs an MoE model or parallel.expert_parallel=1")
-        if self.model_cfg.num_experts % experts:
-            raise RunConfigError(f"{field}: must divide model.num_experts={self.model_cfg.num_experts}")
-        if dp_world % experts:
-            raise RunConfigError(f"{field}: must divide the data-parallel degree ({dp_world} ranks)")
-        if precision == "bf16" and self.parallel_cfg.zero_stage == 0:
-            raise RunConfigError(f"{field} with train.precision=bf16 and parallel.zero_stage=0: DeepSpeed's bf16 "
-                                 "optimizer without ZeRO mis-counts expert gradient norms; use parallel=zero1 or zero2")
 
     def _shard_experts(self, model) -> tuple:
         """Expert parallelism: keep this rank's expert slices, install the all-to-all dispatch and tag the model

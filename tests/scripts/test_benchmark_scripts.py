@@ -76,3 +76,13 @@ def test_data_benchmark_dry_run(tmp_path):
         assert report[key] > 0, key
     assert report["corpus_tokens_large"] > 5 * report["corpus_tokens_small"]
     assert {(r["tokenizer"], r["workers"]) for r in report["prepare"]} == {("byte", 1), ("byte", 2), ("bpe", 1), ("bpe", 2)}
+
+
+def test_expert_gemm_benchmark_dry_run(tmp_path):
+    out = tmp_path / "expert_gemm.json"
+    report = _script("bench_expert_gemm").main(["--dry-run", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert [row["tokens_per_expert"] for row in report["results"]] == [4, 32]
+    for row in report["results"]:
+        assert row["rows"] == report["config"]["local_experts"] * row["tokens_per_expert"]
+        assert row["tokens_per_s"] > 0 and row["tflops"] > 0
