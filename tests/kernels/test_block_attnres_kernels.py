@@ -1,7 +1,7 @@
 """The two-phase Block AttnRes kernels (attnres_kernels.block_attnres) against the pure-torch reference.
 
-On a CUDA machine the kernels run compiled; the ``gpu`` tests add bf16 and large shapes. Without a GPU the
-fp32 tests run in Triton's interpreter on CPU (``test_kernels_interpreted.py`` starts this file in a process with
+On a CUDA machine the kernels run compiled; the ``gpu`` tests add large shapes. Without a GPU the tests
+run in Triton's interpreter on CPU (``test_kernels_interpreted.py`` starts this file in a process with
 ``TRITON_INTERPRET=1``, which must be set before triton is first imported): that checks the kernels' indexing,
 masking and math, not their speed.
 """
@@ -16,6 +16,7 @@ from attnres_kernels.reference import (block_merge_torch, block_phase1_torch, cl
                                        source_rstd_reference)
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 ON_GPU = torch.cuda.is_available()
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 if not ON_GPU and not INTERPRETED:
@@ -31,28 +32,80 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 # (N completed sources, S queries, T tokens, D hidden); odd T and D exercise every mask.
 SHAPES = [(1, 1, 5, 16), (2, 3, 1, 40), (3, 4, 37, 48), (5, 6, 24, 72), (8, 3, 19, 96)]
 SHAPES_GPU = SHAPES + [(8, 6, 4096, 2048), (9, 6, 1000, 4096)]
-# Largest error relative to the tensor's largest magnitude, against a float64 reference. The cases run two whole
-# blocks whose stand-in sublayers (a matmul and tanh) feed each merge, so rounding compounds along up to 2S
-# sublayers: fp32 agrees to a few fp32 roundings amplified by the chain; bf16, which stores every activation
-# (inputs, partial sums, sublayer outputs) rounded to 2**-8, to a few percent: one rounding that differs early
-# moves every later sublayer (the fp32 cases check the math; this one the bf16 loads and stores).
-TOLERANCE = {torch.float32: 5e-5, torch.bfloat16: 1e-1}  # bf16: see the note above; to tighten on a GPU
+# Errors are relative RMS errors (|got - want| / |want| over the whole tensor) against a float64 run of the same
+# steps. A single kernel step agrees with float64 to a few roundings: TOLERANCE bounds it. Whole blocks (stand-in
+# sublayers between the merges, two blocks) amplify every rounding along the chain, in torch as much as in the
+# kernels, so there the kernels' error is held to that of the torch steps run in the same dtype: at most
+# CHAIN_FACTOR times it plus CHAIN_FLOOR (the error of one rounding, where torch happens to land closer). fp32
+# chains are also held to TOLERANCE in absolute terms.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2 ** -7}
+CHAIN_FACTOR = 2.0
+CHAIN_FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2 ** -8}
 
 
-def _compare(got, want, dtype, what):
+def _round_bf16_to_nearest_like_the_gpu():
+    """Make Triton's interpreter round fp32 -> bf16 to nearest even, as the GPU does (``cvt.rn.bf16.f32``).
+
+    Triton 3.9's interpreter truncates instead (round toward zero). Truncation shrinks every stored bf16 value
+    by half a unit in the last place on average, and the shrinkage compounds wherever a bf16 tensor is read,
+    added to and stored again (the partial-sum gradient chain, the source gradients accumulated across blocks):
+    under the interpreter the bf16 kernels then looked 1.3-6x less accurate than torch on some gradients, an
+    artefact that a GPU does not have. ``test_interpreter_rounds_bf16_to_nearest`` checks this took effect.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    truncating = interpreter._convert_float
+    if getattr(truncating, "rounds_to_nearest", False):
+        return
+
+    def convert(values, input_dtype, output_dtype, rounding_mode):
+        if input_dtype == tl.float32 and output_dtype == tl.bfloat16 and rounding_mode is None:
+            rounded = torch.from_numpy(np.ascontiguousarray(values).view(np.float32)).to(torch.bfloat16)
+            return rounded.view(torch.int16).numpy().view(np.uint16).reshape(values.shape)
+        return truncating(values, input_dtype, output_dtype, rounding_mode)
+
+    convert.rounds_to_nearest = True
+    interpreter._convert_float = convert
+
+
+if INTERPRETED:
+    _round_bf16_to_nearest_like_the_gpu()
+
+
+def _relative_errors(got, want, what):
+    errors = []
     for index, (g, w) in enumerate(zip(got, want)):
         if w is None:
             assert g is None or not g.abs().any(), (what, index)
+            errors.append(0.0)
             continue
-        assert g.shape == w.shape, (what, index, g.shape, w.shape)
-        scale = w.double().abs().max().clamp_min(1e-12)
-        error = ((g.double() - w.double()).abs().max() / scale).item()
+        assert g is not None and g.shape == w.shape, (what, index, None if g is None else g.shape, w.shape)
+        errors.append(((g.double() - w.double()).norm() / w.double().norm().clamp_min(1e-30)).item())
+    return errors
+
+
+def _compare(got, want, dtype, what):
+    for index, error in enumerate(_relative_errors(got, want, what)):
         assert error <= TOLERANCE[dtype], f"{what}[{index}]: relative error {error:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+def _compare_beside_torch(got, torch_same_dtype, want, dtype, what):
+    kernel_errors = _relative_errors(got, want, what)
+    torch_errors = _relative_errors(torch_same_dtype, want, what)
+    for index, (error, torch_error) in enumerate(zip(kernel_errors, torch_errors)):
+        bound = CHAIN_FACTOR * torch_error + CHAIN_FLOOR[dtype]
+        if dtype == torch.float32:
+            bound = min(bound, TOLERANCE[dtype])
+        assert error <= bound, (f"{what}[{index}]: relative error {error:.2e}, the torch steps in {dtype} "
+                                f"{torch_error:.2e}: over {bound:.2e}")
 
 
 def _block_leaves(N, S, T, D, seed=0):
     """Leaves of two consecutive blocks: N sources, then per block S (first) and 2 (second) pseudo-queries,
-    key-norm weights, sublayer-norm weights and a stand-in sublayer's weight [D, D]."""
+    key-norm weights, sublayer-norm weights and a stand-in sublayer's weight [D, D] (scaled by D**-0.5, so its
+    tanh is not saturated: at a saturated tanh the bf16 rounding of y decides 1 - y**2, its gradient)."""
     generator = torch.Generator().manual_seed(seed)
     queries = S + 2
 
@@ -61,7 +114,7 @@ def _block_leaves(N, S, T, D, seed=0):
 
     return ([randn(T, D, scale=1 + i) for i in range(N)] + [randn(D, scale=0.5) for _ in range(queries)]
             + [randn(D, scale=0.1, shift=1.0) for _ in range(2 * queries)]
-            + [randn(D, D, scale=0.3) for _ in range(queries)])
+            + [randn(D, D, scale=D ** -0.5) for _ in range(queries)])
 
 
 def _run_block(ops, sources, rstd, queries, key_weights, norm_weights, weights, source_grads, with_norm):
@@ -100,18 +153,20 @@ def _two_blocks(ops, leaves, N, S, dtype, kernels, with_norm=True, unused=()):
     return [x.detach() for x in outputs], [leaf.grad for leaf in leaves]
 
 
-def _block_case(shape, dtype, with_norm=True, unused=(), reference_dtype=torch.float64):
-    """Forward and every gradient (sources, queries, key weights, norm weights, sublayer weights) of two blocks
-    against the torch steps in ``reference_dtype``."""
+def _block_case(shape, dtype, with_norm=True, unused=()):
+    """Forward and every gradient (sources, queries, key weights, norm weights, sublayers) of two blocks: the
+    kernels in ``dtype`` against float64, beside the torch steps in ``dtype`` against float64."""
     N, S, T, D = shape
     kernels = _kernels()
     leaves = _block_leaves(N, S, T, D)
+    torch_steps = (block_phase1_torch, block_merge_torch, close_reference)
     got_out, got_grads = _two_blocks((kernels.block_phase1, kernels.block_merge, kernels.block_close), leaves,
                                      N, S, dtype, True, with_norm, unused)
-    want_out, want_grads = _two_blocks((block_phase1_torch, block_merge_torch, close_reference), leaves, N, S,
-                                       reference_dtype, False, with_norm, unused)
-    _compare(got_out, want_out, dtype, "outputs")
-    _compare(got_grads, want_grads, dtype, "grads (sources, queries, key weights, norm weights, sublayers)")
+    same_out, same_grads = _two_blocks(torch_steps, leaves, N, S, dtype, False, with_norm, unused)
+    want_out, want_grads = _two_blocks(torch_steps, leaves, N, S, torch.float64, False, with_norm, unused)
+    _compare_beside_torch(got_out, same_out, want_out, dtype, "outputs")
+    _compare_beside_torch(got_grads, same_grads, want_grads, dtype,
+                   "grads (sources, queries, key weights, norm weights, sublayers)")
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))
@@ -125,14 +180,17 @@ def test_block_without_norm_and_with_unused_inputs():
     _block_case((3, 4, 21, 40), torch.float32, with_norm=False, unused=(1, 4))
 
 
-def test_phase1_alone_matches_reference_fp32():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_phase1_alone_matches_reference(dtype):
     """Phase 1 by itself (one block, every output and log-sum-exp given a gradient): the rstd gradient it folds
-    into the sources equals autograd's through the rstd."""
+    into the sources equals autograd's through the rstd. One step, so fp32 is held to TOLERANCE against float64
+    of the same (rounded) inputs, and bf16 beside the torch step in bf16 (its outputs rounded once, like ours)."""
     N, S, T, D = 3, 4, 37, 48
     kernels = _kernels()
     generator = torch.Generator().manual_seed(3)
     leaves = [torch.randn(T, D, generator=generator) * (1 + i) for i in range(N)]
     leaves += [torch.randn(D, generator=generator) * 0.3 for _ in range(2 * S)]
+    leaves = [leaf.to(dtype) for leaf in leaves]
     upstream = [torch.randn(T, D, generator=generator) for _ in range(S)] + [torch.randn(T, generator=generator)
                                                                            for _ in range(S)]
 
@@ -141,18 +199,42 @@ def test_phase1_alone_matches_reference_fp32():
         rstd = [source_rstd_reference(x, 1e-6).to(rstd_dtype) for x in xs[:N]]
         outputs, lse, _ = phase1(xs[:N], rstd, xs[N:N + S], xs[N + S:])
         torch.autograd.backward([*outputs, *lse], [u.to(DEVICE, o.dtype) for u, o in zip(upstream, [*outputs, *lse])])
-        return [o.detach() for o in [*outputs, *lse]], [x.grad for x in xs]
+        return [o.detach() for o in [*outputs, *lse]] + [x.grad for x in xs]
 
-    got_out, got_grads = run(kernels.block_phase1, torch.float32, torch.float32)
-    want_out, want_grads = run(block_phase1_torch, torch.float64, torch.float64)
-    _compare(got_out, want_out, torch.float32, "outputs")
-    _compare(got_grads, want_grads, torch.float32, "grads")
+    got = run(kernels.block_phase1, dtype, torch.float32)
+    want = run(block_phase1_torch, torch.float64, torch.float64)
+    if dtype == torch.float32:
+        _compare(got, want, dtype, "outputs, log-sum-exps, grads")
+    else:
+        _compare_beside_torch(got, run(block_phase1_torch, dtype, torch.float32), want, dtype,
+                              "outputs, log-sum-exps, grads")
 
 
-def test_bf16_kernels_match_reference():
-    """bf16 storage, fp32 arithmetic, against the torch steps storing the same bf16 activations (against float64
-    the bf16 stand-in sublayers alone move the chain by several percent)."""
-    _block_case((4, 4, 24, 64), torch.bfloat16, reference_dtype=torch.bfloat16)
+@pytest.mark.parametrize("shape", [(4, 4, 24, 64), (8, 3, 19, 96)], ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))
+def test_block_matches_reference_bf16(shape):
+    """bf16 storage, fp32 arithmetic: two whole blocks, beside the torch steps storing bf16 activations too."""
+    _block_case(shape, torch.bfloat16)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the GPU rounds to nearest by itself")
+def test_interpreter_rounds_bf16_to_nearest():
+    """The interpreter's fp32 -> bf16 stores round as torch and the GPU do (see
+    _round_bf16_to_nearest_like_the_gpu); without it the bf16 comparisons above measure truncation."""
+    values = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    stored = torch.empty(1000, dtype=torch.bfloat16)
+    _store_as(values, stored)
+    assert torch.equal(stored, values.to(torch.bfloat16))
+
+
+@triton.jit
+def _store_kernel(values_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(out_ptr + offsets, tl.load(values_ptr + offsets, mask=mask), mask=mask)
+
+
+def _store_as(values, out):
+    _store_kernel[(1,)](values, out, values.numel(), BLOCK=triton.next_power_of_2(values.numel()))
 
 
 def test_kernels_inside_the_model_match_the_torch_mix(monkeypatch):
