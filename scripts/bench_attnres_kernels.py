@@ -4,7 +4,7 @@
 One block of S sublayers over N completed block summaries (plus, from the second sublayer on, the block's partial
 sum), the way training runs it. Implementations:
 
-  fused   ours: phase 1 once for the S queries, phase 2 per sublayer (attnres_kernels, Triton)
+  fused   ours: phase 1 once for the S queries, one merge per sublayer adding the partial sum (attnres_kernels)
   fla     fla.ops.attnres.fused_attnres, one call per sublayer (each reads every source again)
   torch   the model's torch mix, one per sublayer
   two_phase_torch   the same two phases in torch (attnres_kernels.reference): the CPU stand-in for ``fused``
@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "kernels"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from attnres_kernels.reference import phase1_reference, phase2_reference  # noqa: E402
+from attnres_kernels.reference import block_merge_torch, block_phase1_torch  # noqa: E402
 from attnres_train.model.attnres import attnres_mix, source_rstd  # noqa: E402
 from bench_common import environment, median_seconds, write_report  # noqa: E402
 
@@ -77,10 +77,20 @@ class BlockInputs:
         return [*self.sources, *[p for p in self.partials if p is not None], *self.queries, *self.key_weights]
 
 
+def _partial_sums(x: BlockInputs):
+    """p_j = f_0 + ... + f_{j-1} from the stand-in sublayer outputs ``x.partials[1:]`` (f_{j-1} = partials[j]),
+    with the adds the model makes outside a fused merge."""
+    sums, running = [None], None
+    for f in x.partials[1:]:
+        running = f if running is None else running + f
+        sums.append(running)
+    return sums
+
+
 def block_torch(x: BlockInputs, eps=1e-6):
     rstd = [source_rstd(v, eps) for v in x.sources]
     outputs = []
-    for j, partial in enumerate(x.partials):
+    for j, partial in enumerate(_partial_sums(x)):
         sources, rs = list(x.sources), list(rstd)
         if partial is not None:
             sources.append(partial)
@@ -91,17 +101,16 @@ def block_torch(x: BlockInputs, eps=1e-6):
     return outputs
 
 
-def block_two_phase(phase1, phase2):
+def block_two_phase(phase1, merge, source_gradients=None):
     def run(x: BlockInputs, eps=1e-6):
-        rstd = torch.stack([source_rstd(v, eps) for v in x.sources])
-        queries = torch.stack([w * q for w, q in zip(x.key_weights, x.queries)])
-        o, lse = phase1(x.sources, rstd, queries)
-        outputs = []
-        for j, partial in enumerate(x.partials):
-            if partial is None:
-                outputs.append(o[j])
-            else:
-                outputs.append(phase2(o[j], lse[j], partial, queries[j], None, eps))
+        rstd = [source_rstd(v, eps).float() for v in x.sources]
+        o, lse, params = phase1(x.sources, rstd, x.queries, x.key_weights,
+                                None if source_gradients is None else source_gradients())
+        outputs, partial = [], None
+        for j, previous_output in enumerate(x.partials):
+            h, merged = merge(o[j], lse[j], previous_output, partial, params, j, None, eps)
+            partial = merged if merged is not None else partial
+            outputs.append(h)
         return outputs
     return run
 
@@ -110,60 +119,92 @@ def block_fla(x: BlockInputs, eps=1e-6):
     from fla.ops.attnres import fused_attnres
 
     outputs = []
-    for j, partial in enumerate(x.partials):
+    for j, partial in enumerate(_partial_sums(x)):
         residuals = list(x.sources) + ([partial] if partial is not None else [])
         outputs.append(fused_attnres(x.queries[j], residuals, x.key_weights[j], rms_eps=eps))
     return outputs
 
 
 def traffic_model(N: int, S: int, T: int, D: int, element_bytes: int = 2, with_norm: bool = True) -> dict:
-    """HBM traffic of one block's mixes, forward + backward, by design (bytes, and multiples of X = T*D*elem).
+    """HBM traffic of one block's residual stream, forward + backward, by design (multiples of X = T*D*elem).
 
-    A block: S sublayers over N completed sources; sublayers 1..S-1 also mix their partial sum; each mix is
-    followed by an RMSNorm that a fused design folds in (``with_norm``). Counted in X: reads and writes of [T, D]
-    tensors. Per-token fp32 statistics (no D) are added in bytes. Sources read twice by one program within a
-    token tile count once (the second read is served by L2: a tile is a few hundred KB per program).
+    Scope, the same for every design: everything between the sublayers' own kernels for one block of S
+    sublayers over N completed sources, in the steady state (the sources already hold gradient from later
+    blocks): taking each sublayer output f_j in, handing each sublayer its normed input x_j, forming the block
+    summary b_n and its rstd; backward, taking each dx_j and db_n in, handing each df_j back, adding the sources'
+    gradients. Per-token fp32 statistics (no D) are added in bytes; tiles a program re-reads are L2 hits.
 
-    floor   what any implementation must move: read each source and partial sum once and write each output
-            (forward); read each source, output gradient and partial sum once, write each source and partial-sum
-            gradient (backward)
-    fused   attnres_kernels.block_attnres: phase 1 writes S outputs that phase 2 reads in the forward and again
-            in the backward (its merge gradient needs them); phase-2 backward writes each sublayer's output
-            gradient, which the phase-1 backward reads
-    fla     fla's fused_attnres, one call per sublayer: each call reads every source (and backward reads them
-            again and writes their gradients, which autograd then sums across the S calls)
+    floor (what ANY implementation must move, the sublayers being opaque kernels in between):
+      fwd  N  read the sources once (all S queries together)
+           S  write x_j
+           2(S-1)  hand o_j (the mix of the completed sources) across sublayer j-1: x_j needs p_j, which needs
+                   f_{j-1}; storing o_j once and reading it once is the cheapest carrier (recomputing reads N)
+           3S-2    the partial-sum chain: read f_0 as p_1, then read p_{j-1} and f_{j-1} and write p_j, and
+                   b_n = p_{S-1} + f_{S-1} written (what the standard residual's add costs too)
+      bwd  S  read dx_j;  2(S-1)  the partial-sum gradient chain (read the later uses' gradient, write df_{j-1});
+           2S-1  read o_j, p_j again for the merge and norm gradients (o_0 for sublayer 0's norm);
+           2(S-1)  hand do_j (j >= 1) to the phase-1 backward, which needs all of them at once (running it per
+                   sublayer would read the N sources S times); 3N  read each source and its gradient so far,
+                   write the sum
+    issue_floor  the issue's 51X: reads/writes as if every partial sum were given up front; no design meets
+           it, since the sublayers' data dependency forces the o_j/do_j hand-overs and the partial-sum chain
+    fused  attnres_kernels.block_attnres as it is now: phase 1 (+ o_0 written, read by the first merge), one
+           merge per sublayer (partial-sum update folded in), the close; backward: the merges, then phase 1
+           (sublayer 0's merge writes do_0 instead of phase 1 forming it)
+    previous  the previous two-phase design with its glue in the model counted: torch adds for the partial
+           sum and autograd sums of its gradient, an eager fp32 rstd of each new summary and its backward, source
+           gradients written fresh and summed by autograd
+    fla    fla's fused_attnres, one call per sublayer, plus the same partial-sum adds and autograd sums
     """
     X = T * D * element_bytes
     token_stat = T * 4  # one fp32 per token
-    partials = S - 1
-    floor_fwd = N + partials + S
-    floor_bwd = 2 * N + S + 2 * partials
-    # fused: phase 1 fwd reads N and writes S outputs; phase 2 of sublayer 0 reads o, writes y (only when a norm
-    # is folded; otherwise o_0 is the output), of sublayers 1.. reads o, p and writes y
-    fused_fwd = N + S + (2 if with_norm else 0) + 3 * partials
-    # phase 2 bwd: sublayer 0 reads dy, o, writes do (norm only); sublayers 1.. read dy, o, p, write do, dp;
-    # phase 1 bwd reads N sources and S output gradients, writes N source gradients
-    fused_bwd = (3 if with_norm else 0) + 5 * partials + 2 * N + S
-    fused_stats = (2 * N * S + 3 * S + N) * token_stat  # logits, dlogits scratch, lse, dlse, stats, drstd
-    # fla per sublayer j: forward reads N (+1 partial) writes y; backward reads N (+1), dy, writes N (+1) gradients,
-    # and autograd sums the S per-call source gradients (S - 1 adds of 2 reads + 1 write per source)
-    fla_fwd = S * (N + 1) - 1
-    fla_bwd = sum(2 * (N + (j > 0)) + 1 for j in range(S)) + N * 3 * (S - 1)
+    P = S - 1  # sublayers with a partial sum
+    floor_fwd = N + S + 2 * P + (3 * S - 2)
+    floor_bwd = S + 2 * P + (2 * S - 1) + 2 * P + 3 * N
+    issue_fwd, issue_bwd = N + P + S, 2 * N + S + 2 * P
+    norm = 1 if with_norm else 0
+    # fused fwd: phase 1 reads N, writes S o_j; merge 0 reads o_0, writes x_0 (norm only); merge 1 reads o_1, f_0,
+    # writes x_1; merges 2.. read o_j, f_{j-1}, p_{j-1}, write p_j, x_j; close reads p_{S-1}, f_{S-1}, writes b_n
+    fused_fwd = N + S + 2 * norm + 3 * min(P, 1) + 5 * max(P - 1, 0) + 3
+    # fused bwd: merges j >= 1 read dx, o, p, the later gradient, write df_{j-1}, do_j; merge 0 reads dx_0, o_0,
+    # writes do_0 (norm only); phase 1 reads N sources, N gradients so far, S do_j, writes N gradients
+    fused_bwd = 6 * P + 3 * norm + 3 * N + S
+    fused_stats = (2 * N * S + 5 * S + 2 * N + 3) * token_stat  # logits, dlogits, lse, dlse, merge stats, rstd
+    # previous: phase 1 N + S; phase 2: o, p read, x written; torch partial adds (3 each, P of them incl. b_n);
+    # fp32 rstd of b_n in eager torch: read b, write fp32 copy (2), square (2 + 2), mean (2)
+    previous_fwd = N + S + 2 * norm + 3 * P + 3 * P + 9
+    # phase 2 bwd: dy, o, p read, do, dp written; autograd sums of the partial's gradient (3 each); phase 1 bwd
+    # 2N + S; autograd sums of each source's new gradient into its old one (3N); rstd backward of b_n: read
+    # b (fp32 copy 2), grad out (2 + 2), then summed into b's gradient (3)
+    previous_bwd = 5 * P + 3 * norm + 3 * P + 2 * N + S + 3 * N + 9
+    fla_fwd = S * (N + 1) - 1 + 3 * P + 9
+    fla_bwd = sum(2 * (N + (j > 0)) + 1 for j in range(S)) + 3 * N * S + 3 * P + 9
     designs = {
         "floor": {"fwd_X": floor_fwd, "bwd_X": floor_bwd, "extra_bytes": 0,
-                  "launches_fwd": 1, "launches_bwd": 1},
+                  # one kernel at each hand-over between sublayer kernels: S forward, S backward
+                  "launches_fwd": S, "launches_bwd": S},
+        "issue_floor": {"fwd_X": issue_fwd, "bwd_X": issue_bwd, "extra_bytes": 0,
+                        "launches_fwd": 1, "launches_bwd": 1},
         "fused": {"fwd_X": fused_fwd, "bwd_X": fused_bwd, "extra_bytes": fused_stats,
-                  # fwd: stack queries, stack rstd, phase 1, S x phase 2; bwd: phase 1 (+ zero and sum of its
-                  # dQ rows), S x phase 2 (+ sums of its dQ and norm-weight partials)
-                  "launches_fwd": 3 + S, "launches_bwd": 3 + S + partials + (S if with_norm else 0)},
+                  # fwd: stack of the 2S query vectors, zeroed parameter-gradient buffer, phase 1, S merges,
+                  # close; bwd: S merges, phase 1 (the close passes its gradient through); plus one small
+                  # host-to-device address table per phase-1 call each way
+                  "launches_fwd": 2 + 1 + S + 1, "launches_bwd": S + 1, "address_tables": 2},
+        "previous": {"fwd_X": previous_fwd, "bwd_X": previous_bwd, "extra_bytes": fused_stats,
+                     # fwd: S effective queries + stack, rstd stack, phase 1, S phase 2, P adds, ~5 rstd ops;
+                     # bwd: S phase 2 + their 2 partial sums each, P autograd sums, phase 1 + dQ zero/sum,
+                     # 2S query-product backwards, N source sums, ~5 rstd backward ops
+                     "launches_fwd": S + 2 + 1 + S + P + 5,
+                     "launches_bwd": S * 3 + P + 3 + 2 * S + N + 5},
         "fla": {"fwd_X": fla_fwd, "bwd_X": fla_bwd, "extra_bytes": 0,
-                "launches_fwd": S, "launches_bwd": S + N * (S - 1)},
+                "launches_fwd": S + P + 5, "launches_bwd": S + N * S + P + 5},
     }
     floor_total = floor_fwd + floor_bwd
-    for name, d in designs.items():
+    for d in designs.values():
         d["total_X"] = d["fwd_X"] + d["bwd_X"] + d["extra_bytes"] / X
         d["bytes"] = int(round(d["total_X"] * X))
         d["vs_floor"] = d["total_X"] / floor_total
+        d["vs_issue_floor"] = d["total_X"] / (issue_fwd + issue_bwd)
         d["launches"] = d["launches_fwd"] + d["launches_bwd"]
     return {"kind": "model (arithmetic from the kernels' structure, not a measurement)",
             "N": N, "S": S, "T": T, "D": D, "element_bytes": element_bytes, "with_norm": with_norm,
@@ -174,8 +215,8 @@ def print_traffic(model: dict, measured_ms: dict | None = None) -> None:
     print(f"traffic model N={model['N']} S={model['S']} T={model['T']} D={model['D']} "
           f"(X = {model['X_bytes'] / 1e6:.0f} MB; model, not measured):")
     for name, d in model["designs"].items():
-        line = (f"  {name:6s} fwd {d['fwd_X']:5.1f}X  bwd {d['bwd_X']:5.1f}X  total {d['total_X']:6.1f}X "
-                f"= {d['vs_floor']:.2f}x floor, {d['launches']} launches, "
+        line = (f"  {name:11s} fwd {d['fwd_X']:5.1f}X  bwd {d['bwd_X']:5.1f}X  total {d['total_X']:6.1f}X "
+                f"= {d['vs_floor']:.2f}x floor ({d['vs_issue_floor']:.2f}x the issue's), {d['launches']} launches, "
                 f"{1000 * d['bytes'] / 3.35e12:.2f} ms at 3.35 TB/s")
         if measured_ms and name in measured_ms:
             line += f"  | measured {measured_ms[name]:.3f} ms"
@@ -183,12 +224,12 @@ def print_traffic(model: dict, measured_ms: dict | None = None) -> None:
 
 
 def implementations(names):
-    table = {"torch": block_torch, "two_phase_torch": block_two_phase(phase1_reference, phase2_reference),
+    table = {"torch": block_torch, "two_phase_torch": block_two_phase(block_phase1_torch, block_merge_torch),
              "fla": block_fla}
     if "fused" in names:
-        from attnres_kernels.block_attnres import block_phase1, block_phase2
+        from attnres_kernels.block_attnres import SourceGradients, block_merge, block_phase1
 
-        table["fused"] = block_two_phase(block_phase1, block_phase2)
+        table["fused"] = block_two_phase(block_phase1, block_merge, SourceGradients)
     return {name: table[name] for name in names}
 
 

@@ -70,18 +70,27 @@ def _fla_attnres() -> Callable:
 
 
 def _two_phase_ops(device: torch.device):
-    """``(phase1, phase2)``: the Triton kernels on CUDA, the pure-torch two phases elsewhere."""
+    """``(phase1, merge, close)``: the Triton kernels on CUDA, the same steps in torch elsewhere."""
     if device.type == "cuda":
         try:
-            from attnres_kernels.block_attnres import block_phase1, block_phase2
+            from attnres_kernels.block_attnres import block_close, block_merge, block_phase1
         except ImportError as error:
             raise RuntimeError(
                 "model.attnres_impl=fused on CUDA needs triton and the attnres_kernels package (pip install -e .)"
             ) from error
-        return block_phase1, block_phase2
-    from attnres_kernels.reference import phase1_reference, phase2_reference
+        return block_phase1, block_merge, block_close
+    from attnres_kernels.reference import block_merge_torch, block_phase1_torch, close_reference
 
-    return phase1_reference, phase2_reference
+    return block_phase1_torch, block_merge_torch, close_reference
+
+
+def _source_gradients(device: torch.device):
+    """The in-place accumulator of the sources' gradients that the kernels share across one forward's blocks."""
+    if device.type != "cuda":
+        return None
+    from attnres_kernels.block_attnres import SourceGradients
+
+    return SourceGradients()
 
 
 class AttnResQuery(nn.Module):
@@ -164,6 +173,8 @@ class ResidualStream:
     ``hidden``: the running residual sum (standard strategy only).
     ``sources`` / ``sources_rstd``: completed AttnRes sources (b_0 = embedding first) and their per-token rstd.
     ``partial``: running sum of the current, unfinished block (Block AttnRes), None at a block start.
+    ``pending``: impl fused only: the last sublayer output, not yet added to ``partial`` (the next merge adds it
+    in the same pass; :meth:`settled_partial` adds it for any other reader).
     ``sublayer``: index of the next sublayer (0-based over all 2 x num_layers sublayers).
     """
 
@@ -171,11 +182,20 @@ class ResidualStream:
     sources: list[torch.Tensor] = field(default_factory=list)
     sources_rstd: list[torch.Tensor] = field(default_factory=list)
     partial: Optional[torch.Tensor] = None
+    pending: Optional[torch.Tensor] = None
     sublayer: int = 0
     depth_weights: Optional[list[torch.Tensor]] = None  # per mix: mean weight per source over tokens [N]
     input_rms: Optional[list[torch.Tensor]] = None  # per sublayer: RMS of its input h, mean over tokens
     block_mixer: Optional["BlockMixer"] = None  # impl fused: phase-1 results of the current block
     horizon: Optional[int] = None  # the stream is dropped before this sublayer: phase 1 batches no query past it
+    source_grads: Optional[object] = None  # impl fused on CUDA: the sources' gradient accumulator of this forward
+
+    def settled_partial(self) -> Optional[torch.Tensor]:
+        """The running partial sum with any pending sublayer output added."""
+        if self.pending is not None:
+            self.partial = self.pending if self.partial is None else self.partial + self.pending
+            self.pending = None
+        return self.partial
 
 
 class StandardResidual:
@@ -238,9 +258,10 @@ class _DepthMixingResidual:
                 return mixer(stream.sources, stream.sources_rstd, block=block)[0]
         sources = list(stream.sources)
         rstd = list(stream.sources_rstd)
-        if stream.partial is not None:
-            sources.append(stream.partial)
-            rstd.append(source_rstd(stream.partial, self.eps))
+        partial = stream.settled_partial()
+        if partial is not None:
+            sources.append(partial)
+            rstd.append(source_rstd(partial, self.eps))
         h_BTD, weights_NBT = mixer(sources, rstd, impl=impl, return_weights=want_weights)
         if want_weights:
             stream.depth_weights.append(weights_NBT.detach().float().mean(dim=(1, 2)))
@@ -298,15 +319,23 @@ class BlockAttnResidual(_DepthMixingResidual):
         block = stream.sublayer // self.block_size
         if stream.block_mixer is None or stream.block_mixer.block != block:
             stream.block_mixer = BlockMixer(self, stream, block)
-        stream.block_mixer.sublayer = stream.sublayer
-        stream.block_mixer.partial = stream.partial
         return stream.block_mixer
 
     def add_output(self, stream: ResidualStream, out_BTD: torch.Tensor) -> None:
-        stream.partial = out_BTD if stream.partial is None else stream.partial + out_BTD
+        mixer = stream.block_mixer
+        lazy = mixer is not None and mixer.block == stream.sublayer // self.block_size
+        if lazy:
+            # the next merge (or the block's close) adds it in its own pass
+            stream.settled_partial()
+            stream.pending = out_BTD
+        else:
+            stream.partial = out_BTD if stream.partial is None else stream.partial + out_BTD
         stream.sublayer += 1
         if stream.sublayer % self.block_size == 0:
-            self._append_source(stream, stream.partial)
+            if lazy:
+                mixer.close()
+            else:
+                self._append_source(stream, stream.partial)
             stream.partial = None
 
 
@@ -324,60 +353,77 @@ class BlockMixer:
     Phase 1 runs when a sublayer of the block first needs it, for that sublayer's query and every later one of
     the block that is registered here (a pipeline stage registers only its own layers), unless parameters are
     valid only inside their own module's call (``per_module_parameters``). Each query's output and log-sum-exp
-    are kept until its sublayer merges its partial-sum source in phase 2.
+    are kept until its sublayer's merge, which also adds the previous sublayer's output to the partial sum
+    (``stream.pending``); :meth:`close` forms the block summary and its rstd when the block ends.
     """
 
     def __init__(self, strategy: "BlockAttnResidual", stream: ResidualStream, block: int):
         self.strategy = strategy
+        self.stream = stream
         self.block = block
-        self.sublayer = stream.sublayer
-        self.partial: Optional[torch.Tensor] = None
         first = stream.sources[0]
         self.shape = first.shape
         self.device = first.device
-        self.compute_dtype = compute_dtype(first)
-        self.phase1, self.phase2 = _two_phase_ops(first.device)
+        self.phase1, self.merge, self.close_block = _two_phase_ops(first.device)
+        if stream.source_grads is None:
+            stream.source_grads = _source_gradients(first.device)
         self.sources, self.sources_rstd = stream.sources, stream.sources_rstd
         self.horizon = stream.horizon
-        self.results: dict[int, tuple[AttnResQuery, torch.Tensor, torch.Tensor]] = {}
+        self.results: dict[int, tuple] = {}
 
-    def _phase1_group(self, query: AttnResQuery) -> list[tuple[int, AttnResQuery]]:
+    def _phase1_group(self, query: AttnResQuery, sublayer: int) -> list[tuple[int, AttnResQuery]]:
         size = self.strategy.block_size
-        group = [(self.sublayer, query)]
+        group = [(sublayer, query)]
         if self.strategy.per_module_parameters:
             return group
         end = (self.block + 1) * size if self.horizon is None else min((self.block + 1) * size, self.horizon)
-        for index in range(self.sublayer + 1, end):
+        for index in range(sublayer + 1, end):
             other = self.strategy._queries.get(index)
             if other is not None and index not in self.results and other.query.device == self.device:
                 group.append((index, other))
         return group
 
+    def _flat(self, x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if x is None else x.reshape(-1, self.shape[-1])
+
     def mix(self, query: AttnResQuery, norm: Optional[nn.Module] = None) -> torch.Tensor:
-        if self.sublayer not in self.results:
-            group = self._phase1_group(query)
-            queries_SD = torch.stack([member.effective_query(self.compute_dtype) for _, member in group])
-            # The sources go in as they are (views, no stack of [N, T, D]); only the per-token rstd ([N, T]) and
-            # the queries are stacked, here inside the calling query's forward like every other input of the mix.
-            count, dim = len(self.sources), self.shape[-1]
-            sources_TD = [source.reshape(-1, dim) for source in self.sources]
-            rstd_NT = torch.stack(self.sources_rstd).reshape(count, -1)
-            outputs_TD, lse_ST = self.phase1(sources_TD, rstd_NT, queries_SD)
+        stream, sublayer = self.stream, self.stream.sublayer
+        if sublayer not in self.results:
+            group = self._phase1_group(query, sublayer)
+            # The sources go in as they are (views, no stack of [N, T, D]), here inside the calling query's
+            # forward like every other input of the mix.
+            outputs_TD, lse_T, params = self.phase1(
+                [self._flat(source) for source in self.sources], [r.reshape(-1) for r in self.sources_rstd],
+                [member.query for _, member in group], [member.key_norm_weight for _, member in group],
+                stream.source_grads)
             for position, (index, member) in enumerate(group):
-                self.results[index] = (member, outputs_TD[position], lse_ST[position])
-        scored_for, o_TD, lse_T = self.results.pop(self.sublayer)
+                self.results[index] = (member, outputs_TD[position], lse_T[position], params, position)
+        scored_for, o_TD, lse_T, params, position = self.results.pop(sublayer)
         if scored_for is not query:
             raise RuntimeError(
-                f"AttnRes sublayer {self.sublayer}: phase 1 scored another module's query than the one mixing now "
+                f"AttnRes sublayer {sublayer}: phase 1 scored another module's query than the one mixing now "
                 "(register_queries was given a different model's or stage's queries)")
-        if self.partial is None and norm is None:
+        previous_output, previous_partial = stream.pending, stream.partial
+        if previous_output is None:  # a partial sum settled by some other reader: it is the one to merge
+            previous_output, previous_partial = previous_partial, None
+        if previous_output is None and norm is None:
             return o_TD.reshape(self.shape)
-        partial_TD = None if self.partial is None else self.partial.reshape(-1, self.shape[-1])
-        # phase 2 computes the partial sum's rstd itself (with the key norm's eps)
-        h_TD = self.phase2(o_TD, lse_T, partial_TD, query.effective_query(self.compute_dtype),
-                           None if norm is None else norm.weight, self.strategy.eps,
-                           1e-6 if norm is None else norm.eps)
+        # the merge computes the partial sum's rstd itself (with the key norm's eps)
+        h_TD, partial_TD = self.merge(o_TD, lse_T, self._flat(previous_output), self._flat(previous_partial),
+                                      params, position, None if norm is None else norm.weight, self.strategy.eps,
+                                      1e-6 if norm is None else norm.eps)
+        if partial_TD is not None:
+            stream.partial, stream.pending = partial_TD.reshape(self.shape), None
         return h_TD.reshape(self.shape)
+
+    def close(self) -> None:
+        """The block summary ``partial + pending`` and its rstd, appended to the stream's sources."""
+        stream = self.stream
+        summary_TD, rstd_T = self.close_block(self._flat(stream.partial), self._flat(stream.pending),
+                                              self.strategy.eps)
+        stream.sources.append(summary_TD.reshape(self.shape))
+        stream.sources_rstd.append(rstd_T.reshape(self.shape[:-1]))
+        stream.partial = stream.pending = None
 
 
 def _record_rms(stream: ResidualStream, h_BTD: torch.Tensor) -> None:

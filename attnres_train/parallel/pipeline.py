@@ -113,8 +113,9 @@ class _WireCodec:
             activations = (stream.hidden,)
         else:
             activations = (torch.stack(stream.sources),)
-            if stream.partial is not None:
-                activations = activations + (stream.partial,)
+            partial = stream.settled_partial()
+            if partial is not None:
+                activations = activations + (partial,)
         return (*activations, state.aux_1, state.doc_ids_BT, _marker(state.doc_ids_BT.device))
 
     def decode(self, wire: tuple, layers_before: int) -> StageState:

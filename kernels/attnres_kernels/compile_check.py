@@ -116,18 +116,29 @@ def compile_launch(launch: Launch, target: GPUTarget = HOPPER) -> CompiledFigure
 
 
 def block_launches(N: int, S: int, T: int, D: int, dtype, with_norm: bool = True) -> list[Launch]:
-    """The launches of one block's forward and backward (phase 1, and phase 2 with and without a partial sum),
-    recorded from the real host code on CPU tensors."""
+    """The launches of one block's forward and backward (phase 1, the merges of the first, second and a later
+    sublayer, the close), recorded from the real host code on CPU tensors; the sources' gradients are
+    accumulated into, as in every block but the last."""
     import torch
 
-    sources = [torch.zeros(T, D, dtype=dtype, requires_grad=True) for _ in range(N)]
-    rstd = torch.ones(N, T, requires_grad=True)
-    queries = torch.zeros(S, D, dtype=dtype, requires_grad=True)
-    partial = torch.zeros(T, D, dtype=dtype, requires_grad=True)
-    weight = torch.ones(D, dtype=dtype, requires_grad=True) if with_norm else None
+    def zeros(*shape, dtype=dtype):
+        return torch.zeros(*shape, dtype=dtype, requires_grad=True)
+
+    sources = [zeros(T, D) for _ in range(N)]
+    rstd = [torch.ones(T) for _ in range(N)]
+    queries = [zeros(D, dtype=torch.float32) for _ in range(S)]
+    key_weights = [zeros(D, dtype=torch.float32) for _ in range(S)]
+    weight = zeros(D, dtype=torch.float32) if with_norm else None
+    outputs_f = [zeros(T, D) for _ in range(3)]
+    source_grads = block_attnres.SourceGradients()
+    source_grads.register(sources)  # an earlier block scored them: this one adds its share in place
     with recorded_launches() as launches:
-        outputs, lse = block_attnres.block_phase1(sources, rstd, queries)
-        first = block_attnres.block_phase2(outputs[0], lse[0], None, queries[0], weight)
-        merged = block_attnres.block_phase2(outputs[-1], lse[-1], partial, queries[-1], weight)
-        torch.autograd.backward([first, merged], [torch.zeros_like(first), torch.zeros_like(merged)])
+        outputs, lse, params = block_attnres.block_phase1(sources, rstd, queries, key_weights, source_grads)
+        first, _ = block_attnres.block_merge(outputs[0], lse[0], None, None, params, 0, weight)
+        second, partial = block_attnres.block_merge(outputs[-1], lse[-1], outputs_f[0], None, params, S - 1, weight)
+        third, partial = block_attnres.block_merge(outputs[-1], lse[-1], outputs_f[1], partial, params, S - 1,
+                                                   weight)
+        summary, _ = block_attnres.block_close(partial, outputs_f[2], 1e-6)
+        ends = [first, second, third, summary]
+        torch.autograd.backward(ends, [torch.zeros_like(end) for end in ends])
     return launches

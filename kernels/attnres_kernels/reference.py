@@ -76,3 +76,57 @@ def phase2_reference(
     if norm_weight_D is not None:
         h_TD = h_TD * torch.rsqrt(h_TD.pow(2).mean(-1, keepdim=True) + norm_eps) * norm_weight_D.to(h_TD.dtype)
     return h_TD.to(o_TD.dtype)
+
+
+def merge_reference(
+    o_TD: torch.Tensor,
+    lse_T: torch.Tensor,
+    previous_output_TD: Optional[torch.Tensor],
+    previous_partial_TD: Optional[torch.Tensor],
+    query_D: torch.Tensor,
+    norm_weight_D: Optional[torch.Tensor] = None,
+    eps: float = 1e-6,
+    norm_eps: float = 1e-6,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Phase 2 of sublayer j with the partial-sum update folded in: ``(input of sublayer j, p_j)``.
+
+    ``p_j = p_{j-1} + f_{j-1}`` (``previous_partial_TD`` is None at j = 1, where ``p_1 = f_0``; both are None at
+    j = 0, which has no partial sum); the input is :func:`phase2_reference` of ``p_j``.
+    """
+    if previous_output_TD is None:
+        partial_TD = None
+    elif previous_partial_TD is None:
+        partial_TD = previous_output_TD
+    else:
+        partial_TD = previous_partial_TD + previous_output_TD
+    return phase2_reference(o_TD, lse_T, partial_TD, query_D, norm_weight_D, eps, norm_eps), partial_TD
+
+
+def close_reference(
+    partial_TD: Optional[torch.Tensor], output_TD: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block summary ``b = p_{S-1} + f_{S-1}`` (just ``f_0`` for a one-sublayer block) and its rstd."""
+    summary_TD = output_TD if partial_TD is None else partial_TD + output_TD
+    return summary_TD, source_rstd_reference(summary_TD, eps)
+
+
+def block_phase1_torch(
+    sources_TD: Sequence[torch.Tensor],
+    rstd_T: Sequence[torch.Tensor],
+    queries_D: Sequence[torch.Tensor],
+    key_weights_D: Sequence[torch.Tensor],
+    source_grads=None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+    """Phase 1 with the interface of ``block_attnres.block_phase1``, in torch: ``(outputs, lse, queries_SD)``.
+    The effective queries take the merges' place of the kernels' parameter block; ``source_grads`` is unused
+    (autograd sums the sources' gradients here)."""
+    queries_SD = torch.stack([w * q for q, w in zip(queries_D, key_weights_D)])
+    outputs, lse_ST = phase1_reference(sources_TD, torch.stack(list(rstd_T)), queries_SD)
+    return outputs, list(lse_ST.unbind(0)), queries_SD
+
+
+def block_merge_torch(o_TD, lse_T, previous_output_TD, previous_partial_TD, queries_SD, index, norm_weight_D=None,
+                      eps=1e-6, norm_eps=1e-6):
+    """:func:`merge_reference` with the interface of ``block_attnres.block_merge``."""
+    return merge_reference(o_TD, lse_T, previous_output_TD, previous_partial_TD, queries_SD[index], norm_weight_D,
+                           eps, norm_eps)

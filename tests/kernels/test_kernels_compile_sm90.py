@@ -17,7 +17,7 @@ compile_check = pytest.importorskip("attnres_kernels.compile_check")
 # (N sources, S queries, T tokens, D hidden): ones everywhere; T = 1 with D off the 64-wide chunk; S = 1 with a
 # full-size D; a realistic block (N = 8 completed blocks, S = 6 sublayers, 16K tokens, D = 4096).
 SHAPES = [(1, 1, 1, 100), (3, 5, 1, 4096), (2, 1, 37, 2000), (8, 6, 16384, 4096)]
-ALL_KERNELS = {"_phase1_forward", "_phase1_backward", "_phase2_forward", "_phase2_backward"}
+ALL_KERNELS = {"_phase1_forward", "_phase1_backward", "_merge_forward", "_merge_backward", "_close_forward"}
 HOPPER_SHARED_BYTES = 227 * 1024
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import attnres_train.model.attnres as attnres
-from attnres_kernels.reference import phase1_reference, phase2_reference
+from attnres_kernels.reference import (block_merge_torch, block_phase1_torch, close_reference, phase1_reference,
+                                       phase2_reference)
 from attnres_train.model import ModelConfigError, build_model
 
 BASE = dict(
@@ -62,22 +63,33 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
     model = _model(residual="block_attnres", attnres_block_size=4)
     calls = []
 
-    def counting_phase1(sources_TD, rstd_NT, queries_SD):
-        calls.append((len(sources_TD), queries_SD.shape[0]))
-        return phase1_reference(sources_TD, rstd_NT, queries_SD)
+    def counting_phase1(sources_TD, rstd_T, queries_D, key_weights_D, source_grads=None):
+        calls.append((len(sources_TD), len(queries_D)))
+        return block_phase1_torch(sources_TD, rstd_T, queries_D, key_weights_D)
 
     merges = []
 
-    def recording_phase2(o, lse, partial, query, norm_weight=None, eps=1e-6, norm_eps=1e-6):
-        merges.append((partial is not None, norm_weight is not None))
-        return phase2_reference(o, lse, partial, query, norm_weight, eps, norm_eps)
+    def recording_merge(o, lse, previous_output, previous_partial, params, index, norm_weight=None, eps=1e-6,
+                        norm_eps=1e-6):
+        merges.append((previous_output is not None, norm_weight is not None))
+        return block_merge_torch(o, lse, previous_output, previous_partial, params, index, norm_weight, eps,
+                                 norm_eps)
 
-    monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, recording_phase2))
+    closes = []
+
+    def counting_close(partial, output, eps):
+        closes.append(partial is not None)
+        return close_reference(partial, output, eps)
+
+    monkeypatch.setattr(attnres, "_two_phase_ops",
+                        lambda device: (counting_phase1, recording_merge, counting_close))
     _run(model, "fused")
     # (completed sources, queries): block 0 over the embedding, block 1 over b_0, b_1, the output mix over all.
     assert calls == [(1, 4), (2, 4), (3, 1)]
     # Every mix applies its following RMSNorm inside phase 2; the first of each block has no partial sum.
     assert merges == [(False, True), (True, True), (True, True), (True, True)] * 2 + [(False, True)]
+    # Each block's summary is formed once, by its close (the partial sums by the merges on the way).
+    assert closes == [True, True]
 
     # Queries not registered here (another pipeline stage's, or a ZeRO-3 shard) wait for their own turn.
     want = _run(model, "torch")
@@ -196,13 +208,13 @@ def test_pipeline_layers_that_end_their_stream_batch_only_their_own_queries(monk
     model = _model(residual="block_attnres", attnres_block_size=4)
     calls = []
 
-    def counting_phase1(sources_TD, rstd_NT, queries_SD):
-        calls.append((len(sources_TD), queries_SD.shape[0]))
-        return phase1_reference(sources_TD, rstd_NT, queries_SD)
+    def counting_phase1(sources_TD, rstd_T, queries_D, key_weights_D, source_grads=None):
+        calls.append((len(sources_TD), len(queries_D)))
+        return block_phase1_torch(sources_TD, rstd_T, queries_D, key_weights_D)
 
     input_ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(4))
     want = model(input_ids).logits
-    monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, phase2_reference))
+    monkeypatch.setattr(attnres, "_two_phase_ops", lambda device: (counting_phase1, block_merge_torch, close_reference))
     model.residual.impl = "fused"
     layers = pipeline_layers(model)
     for layer in layers:
