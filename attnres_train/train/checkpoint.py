@@ -46,6 +46,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import zipfile
 from datetime import datetime, timezone
@@ -194,14 +195,16 @@ def _atomic_write_text(path: Path, text: str) -> None:
     atomic_write_text(path, text)
 
 
-def safe_unpickle_globals() -> list:
-    """Classes a checkpoint file may contain besides tensors and containers: DeepSpeed's plain data records
-    (loss scaler settings, the ZeRO stage enum, fragment addresses of flat partitions) and numpy's array
-    reconstruction (RNG state). None of them runs code when rebuilt."""
+def safe_unpickle_globals(with_deepspeed: bool) -> list:
+    """Classes a checkpoint file may contain besides tensors and containers: numpy's array reconstruction (RNG
+    state) and, ``with_deepspeed``, DeepSpeed's plain data records (loss scaler settings, the ZeRO stage enum,
+    fragment addresses of flat partitions). None of them runs code when rebuilt."""
     import numpy as np
 
     multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
     allowed = [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    if not with_deepspeed:
+        return allowed
     try:
         from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
         from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -212,17 +215,23 @@ def safe_unpickle_globals() -> list:
 
 
 def load_weights_only(path, map_location="cpu", mmap: bool = False) -> Any:
-    """``torch.load`` restricted to tensors, containers and ``safe_unpickle_globals()``; a file that needs
-    anything else (a planted payload) raises CheckpointError naming the file and the refused object."""
-    try:
-        with torch.serialization.safe_globals(safe_unpickle_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as error:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        what = f"an object of type {refused.group(1)}" if refused else "a non-tensor object"
-        raise CheckpointError(
-            f"checkpoint file {path} holds {what}, which is not loaded (only tensors, containers and known "
-            f"DeepSpeed records are): the file was altered or written by other code") from None
+    """``torch.load`` restricted to tensors, containers and ``safe_unpickle_globals``; a file that needs anything
+    else (a planted payload) raises CheckpointError naming the file and the refused object. DeepSpeed is imported
+    only for a file that holds its records (generation and export of model weights never need it)."""
+    with_deepspeed = "deepspeed" in sys.modules
+    while True:
+        try:
+            with torch.serialization.safe_globals(safe_unpickle_globals(with_deepspeed)):
+                return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as error:
+            refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+            if refused and refused.group(1).startswith("deepspeed.") and not with_deepspeed:
+                with_deepspeed = True
+                continue
+            what = f"an object of type {refused.group(1)}" if refused else "a non-tensor object"
+            raise CheckpointError(
+                f"checkpoint file {path} holds {what}, which is not loaded (only tensors, containers and known "
+                f"DeepSpeed records are): the file was altered or written by other code") from None
 
 
 def read_checkpoint_file(path: Path, mmap: bool = False) -> Any:
