@@ -54,10 +54,15 @@ def _launch(kernel, grid, *args, **meta):
 
 
 @triton.jit
-def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, N, S, T, D,
-                    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, dprm_ptr, N, S, T, D,
+                    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ZERO_BLOCK: tl.constexpr):
     # table: N source addresses, then N addresses of their fp32 rstd; prm: [2, S, D] pseudo-queries, key weights
     dtype = o_ptr.dtype.element_ty
+    # the block's fp32 parameter gradients [3, S, D] start at zero for the backwards' atomic adds: zeroed here,
+    # spread over the programs, instead of by a launch of its own
+    for start in range(tl.program_id(0) * ZERO_BLOCK, 3 * S * D, tl.num_programs(0) * ZERO_BLOCK):
+        offs_zero = start + tl.arange(0, ZERO_BLOCK)
+        tl.store(dprm_ptr + offs_zero, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs_zero < 3 * S * D)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
@@ -222,6 +227,7 @@ def _phase1_blocks(S: int, D: int, tile_floats: int) -> tuple[int, int, int]:
 
 
 _FORWARD_TILE_FLOATS = 2048
+_ZERO_BLOCK = 1024  # parameter-gradient floats each phase-1 forward program zeroes per step
 _BACKWARD_TILE_FLOATS = 1024
 
 
@@ -294,7 +300,7 @@ class BlockParameters:
 
     ``values_2SD``: pseudo-queries then key-norm weights (a copy, valid in the backward whatever happens to the
     parameters' storage). ``grads_3SD`` (fp32): pseudo-query, key-norm weight and sublayer-norm weight
-    gradients, filled by atomic adds from the merges' and phase 1's backwards.
+    gradients, zeroed by phase 1's forward and filled by atomic adds from the merges' and phase 1's backwards.
     """
 
     values_2SD: torch.Tensor
@@ -303,7 +309,7 @@ class BlockParameters:
     @classmethod
     def of(cls, queries: Sequence[torch.Tensor], key_weights: Sequence[torch.Tensor]) -> "BlockParameters":
         values = torch.stack([t.detach() for t in (*queries, *key_weights)]).unflatten(0, (2, len(queries)))
-        grads = torch.zeros(3, len(queries), values.shape[-1], device=values.device, dtype=torch.float32)
+        grads = torch.empty(3, len(queries), values.shape[-1], device=values.device, dtype=torch.float32)
         return cls(values, grads)
 
     def grad(self, kind: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -325,8 +331,8 @@ class _Phase1(torch.autograd.Function):
         o_STD = torch.empty(S, T, D, device=device, dtype=dtype)
         s_pad, block_t, block_d = _phase1_blocks(S, D, _FORWARD_TILE_FLOATS)
         _launch(_phase1_forward, (triton.cdiv(T, block_t),), _address_table([*sources_TD, *rstd_T], device),
-                params.values_2SD, logits_NST, lse_ST, o_STD, N, S, T, D,
-                S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
+                params.values_2SD, logits_NST, lse_ST, o_STD, params.grads_3SD, N, S, T, D,
+                S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d, ZERO_BLOCK=_ZERO_BLOCK)
         ctx.save_for_backward(logits_NST, lse_ST, *sources_TD, *rstd_T)
         ctx.params, ctx.N, ctx.S = params, N, S
         ctx.source_grads = source_grads

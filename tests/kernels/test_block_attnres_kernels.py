@@ -210,6 +210,22 @@ def test_phase1_alone_matches_reference(dtype):
                               "outputs, log-sum-exps, grads")
 
 
+def test_parameter_gradients_start_from_what_phase1_zeroes(monkeypatch):
+    """The block's parameter-gradient buffer is allocated uninitialised and zeroed by phase 1's forward: filled
+    with NaN beforehand, every gradient still matches (a missed element would stay NaN)."""
+    kernels = _kernels()
+    allocate = kernels.BlockParameters.of.__func__
+
+    def poisoned(cls, queries, key_weights):
+        params = allocate(cls, queries, key_weights)
+        params.grads_3SD.fill_(float("nan"))
+        return params
+
+    monkeypatch.setattr(kernels.BlockParameters, "of", classmethod(poisoned))
+    # 3 * S * D = 1200 floats: more than one program's zeroing step (_ZERO_BLOCK), so two programs share it
+    _block_case((2, 5, 37, 80), torch.float32)
+
+
 @pytest.mark.parametrize("shape", [(4, 4, 24, 64), (8, 3, 19, 96)], ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))
 def test_block_matches_reference_bf16(shape):
     """bf16 storage, fp32 arithmetic: two whole blocks, beside the torch steps storing bf16 activations too."""
