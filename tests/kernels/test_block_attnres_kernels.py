@@ -119,7 +119,9 @@ def _block_leaves(N, S, T, D, seed=0):
 
 def _run_block(ops, sources, rstd, queries, key_weights, norm_weights, weights, source_grads, with_norm):
     phase1, merge, close = ops
-    outputs, lse, params = phase1(sources, rstd, queries, key_weights, source_grads)
+    # the first merge has no partial sum: phase 1 applies its norm (the torch steps ignore the offer)
+    outputs, lse, params = phase1(sources, rstd, queries, key_weights, source_grads,
+                                  (norm_weights[0], 1e-6) if with_norm else None)
     partial = previous = None
     inputs = []
     for j in range(len(queries)):
@@ -178,6 +180,23 @@ def test_block_without_norm_and_with_unused_inputs():
     """Mixes not followed by a foldable norm (ZeRO-3), and sublayer inputs that take no part in the loss (their
     output gradient is a null address in phase 1's backward)."""
     _block_case((3, 4, 21, 40), torch.float32, with_norm=False, unused=(1, 4))
+
+
+def test_first_merge_launches_nothing_when_phase1_normed_its_input(monkeypatch):
+    """Phase 1 forms the first sublayer's normed input (no partial sum to merge): of S merges forward only S - 1
+    launch, every backward still does; the results are those of the other tests' checks."""
+    kernels = _kernels()
+    launched = []
+
+    def run_and_count(kernel, grid, args, meta):
+        launched.append(kernel.fn.__name__)
+        return kernel[grid](*args, **meta)
+
+    monkeypatch.setattr(kernels, "_launch_hook", run_and_count)
+    _block_case((3, 4, 21, 40), torch.float32)  # two blocks: S = 4, then 2 queries
+    assert launched.count("_phase1_forward") == 2
+    assert launched.count("_merge_forward") == (4 - 1) + (2 - 1)
+    assert launched.count("_merge_backward") == 4 + 2
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
