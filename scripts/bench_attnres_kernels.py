@@ -187,10 +187,11 @@ def traffic_model(N: int, S: int, T: int, D: int, element_bytes: int = 2, with_n
         "issue_floor": {"fwd_X": issue_fwd, "bwd_X": issue_bwd, "extra_bytes": 0,
                         "launches_fwd": 1, "launches_bwd": 1},
         "fused": {"fwd_X": fused_fwd, "bwd_X": fused_bwd, "extra_bytes": fused_stats,
-                  # fwd: stack of the 2S query vectors, phase 1 (which zeroes the parameter-gradient buffer and
-                  # forms x_0), S - 1 merges, close; bwd: S merges, phase 1 (the close passes its gradient
-                  # through); plus one small host-to-device address table per phase-1 call each way
-                  "launches_fwd": 1 + 1 + (S - 1) + 1, "launches_bwd": S + 1, "address_tables": 2},
+                  # fwd: phase 1 (which also copies the 2S query vectors it reads by address, zeroes the
+                  # parameter-gradient buffer and forms x_0), S - 1 merges, close; bwd: S merges, phase 1 (the
+                  # close passes its gradient through); plus one small host-to-device address table per
+                  # phase-1 call each way
+                  "launches_fwd": 1 + (S - 1) + 1, "launches_bwd": S + 1, "address_tables": 2},
         "previous": {"fwd_X": previous_fwd, "bwd_X": previous_bwd, "extra_bytes": fused_stats,
                      # fwd: S effective queries + stack, rstd stack, phase 1, S phase 2, P adds, ~5 rstd ops;
                      # bwd: S phase 2 + their 2 partial sums each, P autograd sums, phase 1 + dQ zero/sum,

@@ -7,12 +7,14 @@ the sublayers' own kernels hand over, plus phase 1 and its backward:
 * :func:`block_phase1` (``_phase1_forward``): all S queries score the N completed sources together and write
   each query's mix o_j and log-sum-exp. Each kernel works on a tile of BLOCK_T tokens and walks its sources
   twice, the second walk re-reading the tile it has just read (a few hundred KB per program, served by L2).
-  It also zeroes the block's parameter-gradient buffer and, where nothing is merged into the first query's mix,
+  It also reads the query vectors by address and copies them into :class:`BlockParameters` (no stack), zeroes
+  the block's parameter-gradient buffer and, where nothing is merged into the first query's mix,
   applies the following RMSNorm to o_0 (the first :func:`block_merge` then returns that without a launch).
-* :func:`block_merge` (``_merge_forward``), once per sublayer j after the first: forms the partial sum p_j = p_{j-1} + f_{j-1}
-  from the previous sublayer's output, merges it with o_j by an online softmax (its rstd computed on the way)
-  and applies the sublayer's RMSNorm. Writes the sublayer's input and p_j; nothing else of the block's
-  residual stream is written in between, so the partial sum never needs an add of its own.
+* :func:`block_merge` (``_merge_forward``), once per sublayer j: forms the partial sum
+  p_j = p_{j-1} + f_{j-1} from the previous sublayer's output, merges it with o_j by an online softmax (its rstd
+  computed on the way) and applies the sublayer's RMSNorm. Writes the sublayer's input and p_j; nothing else of
+  the block's residual stream is written in between, so the partial sum never needs an add of its own. The
+  first sublayer's merge returns what phase 1 formed and launches only in the backward.
 * :func:`block_close` (``_close_forward``): b_n = p_{S-1} + f_{S-1} and its rstd, the next blocks' source.
 
 Backward, in autograd's order: ``close`` passes its gradient through (no kernel); ``_merge_backward`` per
@@ -59,19 +61,31 @@ def _launch(kernel, grid, *args, **meta):
 def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, dprm_ptr, w_ptr, x_ptr, stats_ptr, N, S, T, D,
                     norm_eps, S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                     ZERO_BLOCK: tl.constexpr, HAS_FIRST_NORM: tl.constexpr):
-    # table: N source addresses, then N addresses of their fp32 rstd; prm: [2, S, D] pseudo-queries, key weights.
+    # table: N source addresses, N addresses of their fp32 rstd, then S pseudo-query and S key-weight addresses;
+    # prm: [2, S, D] written here, the copy of those the merges and the backward read.
     # HAS_FIRST_NORM: also x_0 = RMSNorm(o_0) * w into x (the first query's merge then launches nothing), its
     # rstd into stats[2] (the [3, T] layout of _merge_forward's statistics)
     dtype = o_ptr.dtype.element_ty
+    prm_dtype = prm_ptr.dtype.element_ty
     # the block's fp32 parameter gradients [3, S, D] start at zero for the backwards' atomic adds: zeroed here,
     # spread over the programs, instead of by a launch of its own
     for start in range(tl.program_id(0) * ZERO_BLOCK, 3 * S * D, tl.num_programs(0) * ZERO_BLOCK):
         offs_zero = start + tl.arange(0, ZERO_BLOCK)
         tl.store(dprm_ptr + offs_zero, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs_zero < 3 * S * D)
+    # likewise the copy of the 2S query vectors (no stack launched for it); this kernel reads them by address
+    for start in range(tl.program_id(0) * ZERO_BLOCK, 2 * S * D, tl.num_programs(0) * ZERO_BLOCK):
+        offs_copy = start + tl.arange(0, ZERO_BLOCK)
+        mask_copy = offs_copy < 2 * S * D
+        vector = offs_copy // D
+        vector_base = tl.load(table + 2 * N + vector, mask=mask_copy, other=0).to(tl.pointer_type(prm_dtype))
+        values = tl.load(vector_base + offs_copy % D, mask=mask_copy, other=0.0)
+        tl.store(prm_ptr + offs_copy, values, mask=mask_copy)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
     mask_s = offs_s < S
+    query_base = tl.load(table + 2 * N + offs_s, mask=mask_s, other=0).to(tl.pointer_type(prm_dtype))
+    key_weight_base = tl.load(table + 2 * N + S + offs_s, mask=mask_s, other=0).to(tl.pointer_type(prm_dtype))
     mask_st = mask_s[:, None] & mask_t[None, :]
     st_offsets = offs_s[:, None] * T + offs_t[None, :]
     # pass 1: logits, online log-sum-exp over the sources
@@ -89,8 +103,8 @@ def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, dprm_ptr, w_ptr,
                         other=0.0).to(tl.float32)
             sd_offsets = offs_s[:, None] * D + offs_d[None, :]
             mask_sd = mask_s[:, None] & mask_d[None, :]
-            q = (tl.load(prm_ptr + sd_offsets, mask=mask_sd, other=0.0).to(tl.float32)
-                 * tl.load(prm_ptr + S * D + sd_offsets, mask=mask_sd, other=0.0).to(tl.float32))
+            q = (tl.load(query_base[:, None] + offs_d[None, :], mask=mask_sd, other=0.0).to(tl.float32)
+                 * tl.load(key_weight_base[:, None] + offs_d[None, :], mask=mask_sd, other=0.0).to(tl.float32))
             products += q[:, None, :] * v[None, :, :]
         rstd = tl.load(rstd_ptr + offs_t, mask=mask_t, other=0.0)
         logit = tl.sum(products, axis=2) * rstd[None, :]
@@ -321,8 +335,9 @@ class BlockParameters:
     """One block's query parameters as phase 1 and the merges read them, and their gradients.
 
     ``values_2SD``: pseudo-queries then key-norm weights (a copy, valid in the backward whatever happens to the
-    parameters' storage). ``first_input``: what phase 1 prepared for the first merge (``first_norm``). ``grads_3SD`` (fp32): pseudo-query, key-norm weight and sublayer-norm weight
-    gradients, zeroed by phase 1's forward and filled by atomic adds from the merges' and phase 1's backwards.
+    parameters' storage), written by phase 1's forward. ``grads_3SD`` (fp32): pseudo-query, key-norm weight and
+    sublayer-norm weight gradients, zeroed by phase 1's forward and filled by atomic adds from the merges' and
+    phase 1's backwards. ``first_input``: what phase 1 prepared for the first merge (``first_norm``).
     """
 
     values_2SD: torch.Tensor
@@ -333,8 +348,12 @@ class BlockParameters:
 
     @classmethod
     def of(cls, queries: Sequence[torch.Tensor], key_weights: Sequence[torch.Tensor]) -> "BlockParameters":
-        values = torch.stack([t.detach() for t in (*queries, *key_weights)]).unflatten(0, (2, len(queries)))
-        grads = torch.empty(3, len(queries), values.shape[-1], device=values.device, dtype=torch.float32)
+        first = queries[0]
+        if any(t.dtype != first.dtype or t.device != first.device or t.shape != first.shape
+               for t in (*queries, *key_weights)):
+            raise ValueError("block_phase1: the queries and key weights must share one dtype, device and shape")
+        values = torch.empty(2, len(queries), first.shape[-1], device=first.device, dtype=first.dtype)
+        grads = torch.empty(3, len(queries), first.shape[-1], device=first.device, dtype=torch.float32)
         return cls(values, grads)
 
     def grad(self, kind: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -362,7 +381,9 @@ class _Phase1(torch.autograd.Function):
             params.first_input = (o_STD[0], first_norm[0], norm_eps, x_TD, stats_3T)
         else:  # unread
             norm_weight_D, norm_eps, x_TD, stats_3T = lse_ST, 0.0, o_STD, lse_ST
-        _launch(_phase1_forward, (triton.cdiv(T, block_t),), _address_table([*sources_TD, *rstd_T], device),
+        query_vectors = [q.detach().contiguous() for q in queries]  # read by address: no stack of them
+        _launch(_phase1_forward, (triton.cdiv(T, block_t),),
+                _address_table([*sources_TD, *rstd_T, *query_vectors], device),
                 params.values_2SD, logits_NST, lse_ST, o_STD, params.grads_3SD, norm_weight_D, x_TD, stats_3T,
                 N, S, T, D, norm_eps, S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d, ZERO_BLOCK=_ZERO_BLOCK,
                 HAS_FIRST_NORM=first_norm is not None)

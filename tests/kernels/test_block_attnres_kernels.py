@@ -229,19 +229,21 @@ def test_phase1_alone_matches_reference(dtype):
                               "outputs, log-sum-exps, grads")
 
 
-def test_parameter_gradients_start_from_what_phase1_zeroes(monkeypatch):
-    """The block's parameter-gradient buffer is allocated uninitialised and zeroed by phase 1's forward: filled
-    with NaN beforehand, every gradient still matches (a missed element would stay NaN)."""
+def test_parameter_buffers_are_filled_by_phase1(monkeypatch):
+    """The block's parameter-gradient buffer and its copy of the query vectors are allocated uninitialised;
+    phase 1's forward zeroes the one and copies the queries into the other (read by address, not stacked).
+    Filled with NaN beforehand, every output and gradient still matches (a missed element would stay NaN)."""
     kernels = _kernels()
     allocate = kernels.BlockParameters.of.__func__
 
     def poisoned(cls, queries, key_weights):
         params = allocate(cls, queries, key_weights)
         params.grads_3SD.fill_(float("nan"))
+        params.values_2SD.fill_(float("nan"))
         return params
 
     monkeypatch.setattr(kernels.BlockParameters, "of", classmethod(poisoned))
-    # 3 * S * D = 1200 floats: more than one program's zeroing step (_ZERO_BLOCK), so two programs share it
+    # 3 * S * D = 1200 floats: more than one program's step (_ZERO_BLOCK), so two programs share the work
     _block_case((2, 5, 37, 80), torch.float32)
 
 
