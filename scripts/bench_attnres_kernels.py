@@ -148,9 +148,10 @@ def traffic_model(N: int, S: int, T: int, D: int, element_bytes: int = 2, with_n
                    write the sum
     issue_floor  the issue's 51X: reads/writes as if every partial sum were given up front; no design meets
            it, since the sublayers' data dependency forces the o_j/do_j hand-overs and the partial-sum chain
-    fused  attnres_kernels.block_attnres as it is now: phase 1 (+ o_0 written, read by the first merge), one
-           merge per sublayer (partial-sum update folded in), the close; backward: the merges, then phase 1
-           (sublayer 0's merge writes do_0 instead of phase 1 forming it)
+    fused  attnres_kernels.block_attnres as it is now: phase 1 (which also writes x_0 from its own tile of o_0,
+           and o_0 for the first merge's backward), one merge per later sublayer (partial-sum update folded in),
+           the close; backward: the merges, then phase 1 (sublayer 0's merge writes do_0 instead of phase 1
+           forming it)
     previous  the previous two-phase design with its glue in the model counted: torch adds for the partial
            sum and autograd sums of its gradient, an eager fp32 rstd of each new summary and its backward, source
            gradients written fresh and summed by autograd
@@ -163,9 +164,9 @@ def traffic_model(N: int, S: int, T: int, D: int, element_bytes: int = 2, with_n
     floor_bwd = S + 2 * P + (2 * S - 1) + 2 * P + 3 * N
     issue_fwd, issue_bwd = N + P + S, 2 * N + S + 2 * P
     norm = 1 if with_norm else 0
-    # fused fwd: phase 1 reads N, writes S o_j; merge 0 reads o_0, writes x_0 (norm only); merge 1 reads o_1, f_0,
+    # fused fwd: phase 1 reads N, writes S o_j and x_0 (norm only; o_0 re-read from L2); merge 1 reads o_1, f_0,
     # writes x_1; merges 2.. read o_j, f_{j-1}, p_{j-1}, write p_j, x_j; close reads p_{S-1}, f_{S-1}, writes b_n
-    fused_fwd = N + S + 2 * norm + 3 * min(P, 1) + 5 * max(P - 1, 0) + 3
+    fused_fwd = N + S + norm + 3 * min(P, 1) + 5 * max(P - 1, 0) + 3
     # fused bwd: merges j >= 1 read dx, o, p, the later gradient, write df_{j-1}, do_j; merge 0 reads dx_0, o_0,
     # writes do_0 (norm only); phase 1 reads N sources, N gradients so far, S do_j, writes N gradients
     fused_bwd = 6 * P + 3 * norm + 3 * N + S
@@ -186,10 +187,11 @@ def traffic_model(N: int, S: int, T: int, D: int, element_bytes: int = 2, with_n
         "issue_floor": {"fwd_X": issue_fwd, "bwd_X": issue_bwd, "extra_bytes": 0,
                         "launches_fwd": 1, "launches_bwd": 1},
         "fused": {"fwd_X": fused_fwd, "bwd_X": fused_bwd, "extra_bytes": fused_stats,
-                  # fwd: stack of the 2S query vectors, zeroed parameter-gradient buffer, phase 1, S merges,
-                  # close; bwd: S merges, phase 1 (the close passes its gradient through); plus one small
-                  # host-to-device address table per phase-1 call each way
-                  "launches_fwd": 2 + 1 + S + 1, "launches_bwd": S + 1, "address_tables": 2},
+                  # fwd: phase 1 (which also copies the 2S query vectors it reads by address, zeroes the
+                  # parameter-gradient buffer and forms x_0), S - 1 merges, close; bwd: S merges, phase 1 (the
+                  # close passes its gradient through); plus one small host-to-device address table per
+                  # phase-1 call each way
+                  "launches_fwd": 1 + (S - 1) + 1, "launches_bwd": S + 1, "address_tables": 2},
         "previous": {"fwd_X": previous_fwd, "bwd_X": previous_bwd, "extra_bytes": fused_stats,
                      # fwd: S effective queries + stack, rstd stack, phase 1, S phase 2, P adds, ~5 rstd ops;
                      # bwd: S phase 2 + their 2 partial sums each, P autograd sums, phase 1 + dQ zero/sum,

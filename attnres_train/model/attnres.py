@@ -390,12 +390,17 @@ class BlockMixer:
         stream, sublayer = self.stream, self.stream.sublayer
         if sublayer not in self.results:
             group = self._phase1_group(query, sublayer)
+            # With nothing to merge into the calling sublayer's mix, phase 1 applies its norm as well (the
+            # merge then has nothing to launch).
+            first_norm = None
+            if norm is not None and stream.pending is None and stream.partial is None:
+                first_norm = (norm.weight, norm.eps)
             # The sources go in as they are (views, no stack of [N, T, D]), here inside the calling query's
             # forward like every other input of the mix.
             outputs_TD, lse_T, params = self.phase1(
                 [self._flat(source) for source in self.sources], [r.reshape(-1) for r in self.sources_rstd],
                 [member.query for _, member in group], [member.key_norm_weight for _, member in group],
-                stream.source_grads)
+                stream.source_grads, first_norm)
             for position, (index, member) in enumerate(group):
                 self.results[index] = (member, outputs_TD[position], lse_T[position], params, position)
         scored_for, o_TD, lse_T, params, position = self.results.pop(sublayer)

@@ -7,10 +7,14 @@ the sublayers' own kernels hand over, plus phase 1 and its backward:
 * :func:`block_phase1` (``_phase1_forward``): all S queries score the N completed sources together and write
   each query's mix o_j and log-sum-exp. Each kernel works on a tile of BLOCK_T tokens and walks its sources
   twice, the second walk re-reading the tile it has just read (a few hundred KB per program, served by L2).
-* :func:`block_merge` (``_merge_forward``), once per sublayer j: forms the partial sum p_j = p_{j-1} + f_{j-1}
-  from the previous sublayer's output, merges it with o_j by an online softmax (its rstd computed on the way)
-  and applies the sublayer's RMSNorm. Writes the sublayer's input and p_j; nothing else of the block's
-  residual stream is written in between, so the partial sum never needs an add of its own.
+  It also reads the query vectors by address and copies them into :class:`BlockParameters` (no stack), zeroes
+  the block's parameter-gradient buffer and, where nothing is merged into the first query's mix,
+  applies the following RMSNorm to o_0 (the first :func:`block_merge` then returns that without a launch).
+* :func:`block_merge` (``_merge_forward``), once per sublayer j: forms the partial sum
+  p_j = p_{j-1} + f_{j-1} from the previous sublayer's output, merges it with o_j by an online softmax (its rstd
+  computed on the way) and applies the sublayer's RMSNorm. Writes the sublayer's input and p_j; nothing else of
+  the block's residual stream is written in between, so the partial sum never needs an add of its own. The
+  first sublayer's merge returns what phase 1 formed and launches only in the backward.
 * :func:`block_close` (``_close_forward``): b_n = p_{S-1} + f_{S-1} and its rstd, the next blocks' source.
 
 Backward, in autograd's order: ``close`` passes its gradient through (no kernel); ``_merge_backward`` per
@@ -54,14 +58,34 @@ def _launch(kernel, grid, *args, **meta):
 
 
 @triton.jit
-def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, N, S, T, D,
-                    S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    # table: N source addresses, then N addresses of their fp32 rstd; prm: [2, S, D] pseudo-queries, key weights
+def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, dprm_ptr, w_ptr, x_ptr, stats_ptr, N, S, T, D,
+                    norm_eps, S_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                    ZERO_BLOCK: tl.constexpr, HAS_FIRST_NORM: tl.constexpr):
+    # table: N source addresses, N addresses of their fp32 rstd, then S pseudo-query and S key-weight addresses;
+    # prm: [2, S, D] written here, the copy of those the merges and the backward read.
+    # HAS_FIRST_NORM: also x_0 = RMSNorm(o_0) * w into x (the first query's merge then launches nothing), its
+    # rstd into stats[2] (the [3, T] layout of _merge_forward's statistics)
     dtype = o_ptr.dtype.element_ty
+    prm_dtype = prm_ptr.dtype.element_ty
+    # the block's fp32 parameter gradients [3, S, D] start at zero for the backwards' atomic adds: zeroed here,
+    # spread over the programs, instead of by a launch of its own
+    for start in range(tl.program_id(0) * ZERO_BLOCK, 3 * S * D, tl.num_programs(0) * ZERO_BLOCK):
+        offs_zero = start + tl.arange(0, ZERO_BLOCK)
+        tl.store(dprm_ptr + offs_zero, tl.zeros([ZERO_BLOCK], tl.float32), mask=offs_zero < 3 * S * D)
+    # likewise the copy of the 2S query vectors (no stack launched for it); this kernel reads them by address
+    for start in range(tl.program_id(0) * ZERO_BLOCK, 2 * S * D, tl.num_programs(0) * ZERO_BLOCK):
+        offs_copy = start + tl.arange(0, ZERO_BLOCK)
+        mask_copy = offs_copy < 2 * S * D
+        vector = offs_copy // D
+        vector_base = tl.load(table + 2 * N + vector, mask=mask_copy, other=0).to(tl.pointer_type(prm_dtype))
+        values = tl.load(vector_base + offs_copy % D, mask=mask_copy, other=0.0)
+        tl.store(prm_ptr + offs_copy, values, mask=mask_copy)
     offs_t = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_s = tl.arange(0, S_PAD)
     mask_t = offs_t < T
     mask_s = offs_s < S
+    query_base = tl.load(table + 2 * N + offs_s, mask=mask_s, other=0).to(tl.pointer_type(prm_dtype))
+    key_weight_base = tl.load(table + 2 * N + S + offs_s, mask=mask_s, other=0).to(tl.pointer_type(prm_dtype))
     mask_st = mask_s[:, None] & mask_t[None, :]
     st_offsets = offs_s[:, None] * T + offs_t[None, :]
     # pass 1: logits, online log-sum-exp over the sources
@@ -79,8 +103,8 @@ def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, N, S, T, D,
                         other=0.0).to(tl.float32)
             sd_offsets = offs_s[:, None] * D + offs_d[None, :]
             mask_sd = mask_s[:, None] & mask_d[None, :]
-            q = (tl.load(prm_ptr + sd_offsets, mask=mask_sd, other=0.0).to(tl.float32)
-                 * tl.load(prm_ptr + S * D + sd_offsets, mask=mask_sd, other=0.0).to(tl.float32))
+            q = (tl.load(query_base[:, None] + offs_d[None, :], mask=mask_sd, other=0.0).to(tl.float32)
+                 * tl.load(key_weight_base[:, None] + offs_d[None, :], mask=mask_sd, other=0.0).to(tl.float32))
             products += q[:, None, :] * v[None, :, :]
         rstd = tl.load(rstd_ptr + offs_t, mask=mask_t, other=0.0)
         logit = tl.sum(products, axis=2) * rstd[None, :]
@@ -92,6 +116,7 @@ def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, N, S, T, D,
     tl.store(lse_ptr + st_offsets, lse, mask=mask_st)
     tl.debug_barrier()  # the logits stored above are read back below by other threads of this program
     # pass 2: the mix, one D chunk at a time (the tile's sources come from L2 this time)
+    first_square_sum = tl.zeros([BLOCK_T], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_td = mask_t[:, None] & (offs_d[None, :] < D)
@@ -103,7 +128,23 @@ def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, N, S, T, D,
             v = tl.load(v_ptr + offs_t[:, None] * D + offs_d[None, :], mask=mask_td, other=0.0).to(tl.float32)
             acc += weight[:, :, None] * v[None, :, :]
         o_offsets = (offs_s[:, None, None] * T + offs_t[None, :, None]) * D + offs_d[None, None, :]
-        tl.store(o_ptr + o_offsets, acc.to(dtype), mask=mask_s[:, None, None] & mask_td[None, :, :])
+        stored = acc.to(dtype)
+        tl.store(o_ptr + o_offsets, stored, mask=mask_s[:, None, None] & mask_td[None, :, :])
+        if HAS_FIRST_NORM:  # the norm of o_0 as stored, as the merge would compute it
+            first = tl.sum(tl.where((offs_s == 0)[:, None, None], stored.to(tl.float32), 0.0), axis=0)
+            first_square_sum += tl.sum(first * first, axis=1)
+    if HAS_FIRST_NORM:
+        nrstd = 1.0 / tl.sqrt(first_square_sum / D + norm_eps)
+        tl.store(stats_ptr + 2 * T + offs_t, nrstd, mask=mask_t)
+        tl.debug_barrier()  # o_0 of this tile, stored above by other threads of this program, is read back
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            td_offsets = offs_t[:, None] * D + offs_d[None, :]
+            mask_td = mask_t[:, None] & mask_d[None, :]
+            o_first = tl.load(o_ptr + td_offsets, mask=mask_td, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+            tl.store(x_ptr + td_offsets, (o_first * nrstd[:, None] * w[None, :]).to(dtype), mask=mask_td)
 
 
 @triton.jit
@@ -222,6 +263,7 @@ def _phase1_blocks(S: int, D: int, tile_floats: int) -> tuple[int, int, int]:
 
 
 _FORWARD_TILE_FLOATS = 2048
+_ZERO_BLOCK = 1024  # parameter-gradient floats each phase-1 forward program zeroes per step
 _BACKWARD_TILE_FLOATS = 1024
 
 
@@ -293,17 +335,25 @@ class BlockParameters:
     """One block's query parameters as phase 1 and the merges read them, and their gradients.
 
     ``values_2SD``: pseudo-queries then key-norm weights (a copy, valid in the backward whatever happens to the
-    parameters' storage). ``grads_3SD`` (fp32): pseudo-query, key-norm weight and sublayer-norm weight
-    gradients, filled by atomic adds from the merges' and phase 1's backwards.
+    parameters' storage), written by phase 1's forward. ``grads_3SD`` (fp32): pseudo-query, key-norm weight and
+    sublayer-norm weight gradients, zeroed by phase 1's forward and filled by atomic adds from the merges' and
+    phase 1's backwards. ``first_input``: what phase 1 prepared for the first merge (``first_norm``).
     """
 
     values_2SD: torch.Tensor
     grads_3SD: torch.Tensor
+    # the first query's normed input, when phase 1 formed it: (o_0, norm weight, norm eps, x_0, stats [3, T]),
+    # taken by the first merge
+    first_input: Optional[tuple] = None
 
     @classmethod
     def of(cls, queries: Sequence[torch.Tensor], key_weights: Sequence[torch.Tensor]) -> "BlockParameters":
-        values = torch.stack([t.detach() for t in (*queries, *key_weights)]).unflatten(0, (2, len(queries)))
-        grads = torch.zeros(3, len(queries), values.shape[-1], device=values.device, dtype=torch.float32)
+        first = queries[0]
+        if any(t.dtype != first.dtype or t.device != first.device or t.shape != first.shape
+               for t in (*queries, *key_weights)):
+            raise ValueError("block_phase1: the queries and key weights must share one dtype, device and shape")
+        values = torch.empty(2, len(queries), first.shape[-1], device=first.device, dtype=first.dtype)
+        grads = torch.empty(3, len(queries), first.shape[-1], device=first.device, dtype=torch.float32)
         return cls(values, grads)
 
     def grad(self, kind: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -312,7 +362,7 @@ class BlockParameters:
 
 class _Phase1(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, params, source_grads, N, *inputs):
+    def forward(ctx, params, source_grads, first_norm, N, *inputs):
         sources_TD, rstd_T, queries = inputs[:N], inputs[N:2 * N], inputs[2 * N:]
         S = len(queries) // 2
         T, D = sources_TD[0].shape
@@ -324,9 +374,19 @@ class _Phase1(torch.autograd.Function):
         lse_ST = torch.empty(S, T, device=device, dtype=torch.float32)
         o_STD = torch.empty(S, T, D, device=device, dtype=dtype)
         s_pad, block_t, block_d = _phase1_blocks(S, D, _FORWARD_TILE_FLOATS)
-        _launch(_phase1_forward, (triton.cdiv(T, block_t),), _address_table([*sources_TD, *rstd_T], device),
-                params.values_2SD, logits_NST, lse_ST, o_STD, N, S, T, D,
-                S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d)
+        if first_norm is not None:
+            norm_weight_D, norm_eps = first_norm[0].contiguous(), float(first_norm[1])
+            x_TD = torch.empty_like(o_STD[0])
+            stats_3T = torch.empty(3, T, device=device, dtype=torch.float32)  # only the norm rstd (row 2) is used
+            params.first_input = (o_STD[0], first_norm[0], norm_eps, x_TD, stats_3T)
+        else:  # unread
+            norm_weight_D, norm_eps, x_TD, stats_3T = lse_ST, 0.0, o_STD, lse_ST
+        query_vectors = [q.detach().contiguous() for q in queries]  # read by address: no stack of them
+        _launch(_phase1_forward, (triton.cdiv(T, block_t),),
+                _address_table([*sources_TD, *rstd_T, *query_vectors], device),
+                params.values_2SD, logits_NST, lse_ST, o_STD, params.grads_3SD, norm_weight_D, x_TD, stats_3T,
+                N, S, T, D, norm_eps, S_PAD=s_pad, BLOCK_T=block_t, BLOCK_D=block_d, ZERO_BLOCK=_ZERO_BLOCK,
+                HAS_FIRST_NORM=first_norm is not None)
         ctx.save_for_backward(logits_NST, lse_ST, *sources_TD, *rstd_T)
         ctx.params, ctx.N, ctx.S = params, N, S
         ctx.source_grads = source_grads
@@ -358,7 +418,7 @@ class _Phase1(torch.autograd.Function):
         source_grads = [ctx.source_grads.hand_over(s) if owned else None for s, owned in zip(sources_TD, ctx.owned)]
         values = params.values_2SD
         query_grads = [params.grad(kind, s, values) for kind in (0, 1) for s in range(S)]
-        return (None, None, None, *source_grads, *([None] * N), *query_grads)
+        return (None, None, None, None, *source_grads, *([None] * N), *query_grads)
 
 
 def block_phase1(
@@ -367,17 +427,21 @@ def block_phase1(
     queries_D: Sequence[torch.Tensor],
     key_weights_D: Sequence[torch.Tensor],
     source_grads: Optional[SourceGradients] = None,
+    first_norm: Optional[tuple[torch.Tensor, float]] = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], BlockParameters]:
     """Phase 1 on the GPU: ``(outputs o_j [T, D], log-sum-exps [T], parameters for the merges)``.
 
     Query j's effective query is ``key_weights_D[j] * queries_D[j]``; ``rstd_T[i]`` must be the key RMSNorm's
     rstd of ``sources_TD[i]`` (its gradient is taken through the sources here, none is returned for it).
     ``source_grads`` is shared by the blocks of one forward (a fresh one: this call owns every source's gradient).
+    ``first_norm``: ``(weight, eps)`` of the RMSNorm that follows the first query's mix when no partial sum is
+    merged into it; phase 1 then forms that normed input too, and :func:`block_merge` of query 0 with the same
+    weight and eps returns it without a launch of its own (the merge's backward is unchanged).
     """
     params = BlockParameters.of(queries_D, key_weights_D)
     N, S = len(sources_TD), len(queries_D)
-    results = _Phase1.apply(params, source_grads or SourceGradients(), N, *sources_TD, *rstd_T, *queries_D,
-                            *key_weights_D)
+    results = _Phase1.apply(params, source_grads or SourceGradients(), first_norm, N, *sources_TD, *rstd_T,
+                            *queries_D, *key_weights_D)
     return list(results[:S]), list(results[S:]), params
 
 
@@ -493,6 +557,10 @@ def _close_forward(p_ptr, f_ptr, b_ptr, rstd_ptr, T, D, eps, HAS_PREVIOUS: tl.co
             tl.store(rstd_ptr + t, 1.0 / tl.sqrt(tl.sum(b * b, axis=0) / D + eps))
 
 
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.dtype == b.dtype
+
+
 _PHASE2_ROWS = 32  # rows per program: one atomic add of the parameter gradients per 32 rows
 
 
@@ -515,14 +583,20 @@ class _Merge(torch.autograd.Function):
         f_TD = previous_output_TD.contiguous() if has_partial else o_TD  # unread without a partial sum
         pp_TD = previous_partial_TD.contiguous() if has_previous else o_TD
         weight_D = norm_weight_D.contiguous() if has_norm else lse_T
-        y_TD = torch.empty_like(o_TD)
-        p_TD = torch.empty_like(f_TD) if has_previous else f_TD
-        stats_3T = torch.empty(3, T, device=o_TD.device, dtype=torch.float32)
-        block_d = triton.next_power_of_2(D)
-        _launch(_merge_forward, (triton.cdiv(T, _PHASE2_ROWS),), o_TD, lse_T, f_TD, pp_TD,
-                params.values_2SD[0, index], params.values_2SD[1, index], weight_D, y_TD, p_TD, stats_3T,
-                T, D, eps, norm_eps, HAS_PARTIAL=has_partial, HAS_PREVIOUS=has_previous, HAS_NORM=has_norm,
-                ROWS=_PHASE2_ROWS, BLOCK_D=block_d, num_warps=_phase2_warps(block_d, backward=False))
+        prepared, params.first_input = params.first_input, None  # usable by this call only
+        if prepared is not None and index == 0 and has_norm and not has_partial and _same_tensor(
+                prepared[0], o_TD) and _same_tensor(prepared[1], norm_weight_D) and prepared[2] == norm_eps:
+            y_TD, stats_3T = prepared[3], prepared[4]  # phase 1 formed this input already
+            p_TD = f_TD
+        else:
+            y_TD = torch.empty_like(o_TD)
+            p_TD = torch.empty_like(f_TD) if has_previous else f_TD
+            stats_3T = torch.empty(3, T, device=o_TD.device, dtype=torch.float32)
+            block_d = triton.next_power_of_2(D)
+            _launch(_merge_forward, (triton.cdiv(T, _PHASE2_ROWS),), o_TD, lse_T, f_TD, pp_TD,
+                    params.values_2SD[0, index], params.values_2SD[1, index], weight_D, y_TD, p_TD, stats_3T,
+                    T, D, eps, norm_eps, HAS_PARTIAL=has_partial, HAS_PREVIOUS=has_previous, HAS_NORM=has_norm,
+                    ROWS=_PHASE2_ROWS, BLOCK_D=block_d, num_warps=_phase2_warps(block_d, backward=False))
         ctx.save_for_backward(o_TD, lse_T, p_TD, weight_D, stats_3T)
         ctx.params, ctx.index, ctx.flags = params, index, (has_partial, has_previous, has_norm)
         ctx.set_materialize_grads(False)

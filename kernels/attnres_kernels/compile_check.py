@@ -118,7 +118,8 @@ def compile_launch(launch: Launch, target: GPUTarget = HOPPER) -> CompiledFigure
 def block_launches(N: int, S: int, T: int, D: int, dtype, with_norm: bool = True) -> list[Launch]:
     """The launches of one block's forward and backward (phase 1, the merges of the first, second and a later
     sublayer, the close), recorded from the real host code on CPU tensors; the sources' gradients are
-    accumulated into, as in every block but the last."""
+    accumulated into, as in every block but the last. ``with_norm``: the merges apply a norm, and phase 1 forms
+    the first sublayer's normed input (whose merge then launches only its backward)."""
     import torch
 
     def zeros(*shape, dtype=dtype):
@@ -133,7 +134,8 @@ def block_launches(N: int, S: int, T: int, D: int, dtype, with_norm: bool = True
     source_grads = block_attnres.SourceGradients()
     source_grads.register(sources)  # an earlier block scored them: this one adds its share in place
     with recorded_launches() as launches:
-        outputs, lse, params = block_attnres.block_phase1(sources, rstd, queries, key_weights, source_grads)
+        outputs, lse, params = block_attnres.block_phase1(sources, rstd, queries, key_weights, source_grads,
+                                                          None if weight is None else (weight, 1e-6))
         first, _ = block_attnres.block_merge(outputs[0], lse[0], None, None, params, 0, weight)
         second, partial = block_attnres.block_merge(outputs[-1], lse[-1], outputs_f[0], None, params, S - 1, weight)
         third, partial = block_attnres.block_merge(outputs[-1], lse[-1], outputs_f[1], partial, params, S - 1,

@@ -116,10 +116,11 @@ def block_phase1_torch(
     queries_D: Sequence[torch.Tensor],
     key_weights_D: Sequence[torch.Tensor],
     source_grads=None,
+    first_norm=None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
     """Phase 1 with the interface of ``block_attnres.block_phase1``, in torch: ``(outputs, lse, queries_SD)``.
-    The effective queries take the merges' place of the kernels' parameter block; ``source_grads`` is unused
-    (autograd sums the sources' gradients here)."""
+    The effective queries take the merges' place of the kernels' parameter block; ``source_grads`` and
+    ``first_norm`` are unused (autograd sums the sources' gradients here; the first merge applies its norm)."""
     queries_SD = torch.stack([w * q for q, w in zip(queries_D, key_weights_D)])
     outputs, lse_ST = phase1_reference(sources_TD, torch.stack(list(rstd_T)), queries_SD)
     return outputs, list(lse_ST.unbind(0)), queries_SD

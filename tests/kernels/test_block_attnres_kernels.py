@@ -119,7 +119,9 @@ def _block_leaves(N, S, T, D, seed=0):
 
 def _run_block(ops, sources, rstd, queries, key_weights, norm_weights, weights, source_grads, with_norm):
     phase1, merge, close = ops
-    outputs, lse, params = phase1(sources, rstd, queries, key_weights, source_grads)
+    # the first merge has no partial sum: phase 1 applies its norm (the torch steps ignore the offer)
+    outputs, lse, params = phase1(sources, rstd, queries, key_weights, source_grads,
+                                  (norm_weights[0], 1e-6) if with_norm else None)
     partial = previous = None
     inputs = []
     for j in range(len(queries)):
@@ -180,6 +182,23 @@ def test_block_without_norm_and_with_unused_inputs():
     _block_case((3, 4, 21, 40), torch.float32, with_norm=False, unused=(1, 4))
 
 
+def test_first_merge_launches_nothing_when_phase1_normed_its_input(monkeypatch):
+    """Phase 1 forms the first sublayer's normed input (no partial sum to merge): of S merges forward only S - 1
+    launch, every backward still does; the results are those of the other tests' checks."""
+    kernels = _kernels()
+    launched = []
+
+    def run_and_count(kernel, grid, args, meta):
+        launched.append(kernel.fn.__name__)
+        return kernel[grid](*args, **meta)
+
+    monkeypatch.setattr(kernels, "_launch_hook", run_and_count)
+    _block_case((3, 4, 21, 40), torch.float32)  # two blocks: S = 4, then 2 queries
+    assert launched.count("_phase1_forward") == 2
+    assert launched.count("_merge_forward") == (4 - 1) + (2 - 1)
+    assert launched.count("_merge_backward") == 4 + 2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_phase1_alone_matches_reference(dtype):
     """Phase 1 by itself (one block, every output and log-sum-exp given a gradient): the rstd gradient it folds
@@ -208,6 +227,24 @@ def test_phase1_alone_matches_reference(dtype):
     else:
         _compare_beside_torch(got, run(block_phase1_torch, dtype, torch.float32), want, dtype,
                               "outputs, log-sum-exps, grads")
+
+
+def test_parameter_buffers_are_filled_by_phase1(monkeypatch):
+    """The block's parameter-gradient buffer and its copy of the query vectors are allocated uninitialised;
+    phase 1's forward zeroes the one and copies the queries into the other (read by address, not stacked).
+    Filled with NaN beforehand, every output and gradient still matches (a missed element would stay NaN)."""
+    kernels = _kernels()
+    allocate = kernels.BlockParameters.of.__func__
+
+    def poisoned(cls, queries, key_weights):
+        params = allocate(cls, queries, key_weights)
+        params.grads_3SD.fill_(float("nan"))
+        params.values_2SD.fill_(float("nan"))
+        return params
+
+    monkeypatch.setattr(kernels.BlockParameters, "of", classmethod(poisoned))
+    # 3 * S * D = 1200 floats: more than one program's step (_ZERO_BLOCK), so two programs share the work
+    _block_case((2, 5, 37, 80), torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 24, 64), (8, 3, 19, 96)], ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))

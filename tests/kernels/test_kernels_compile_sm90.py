@@ -22,9 +22,9 @@ HOPPER_SHARED_BYTES = 227 * 1024
 
 
 @functools.lru_cache(maxsize=None)
-def _figures(shape, dtype):
+def _figures(shape, dtype, with_norm=True):
     return [(launch, compile_check.compile_launch(launch))
-            for launch in compile_check.block_launches(*shape, dtype)]
+            for launch in compile_check.block_launches(*shape, dtype, with_norm=with_norm)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "N{}-S{}-T{}-D{}".format(*s))
@@ -47,3 +47,12 @@ def test_realistic_block_keeps_sms_occupied():
 def test_fp32_sources_compile_too():
     for launch, figure in _figures((3, 5, 1, 4096), torch.float32):
         assert not figure.spills, (figure.name, figure.spill_store_bytes)
+
+
+def test_phase1_without_first_norm_compiles_too():
+    """No norm after the mixes (ZeRO-3): phase 1 forms no normed input."""
+    figures = [(launch, figure) for launch, figure in _figures((3, 5, 1, 4096), torch.bfloat16, with_norm=False)
+               if launch.name == "_phase1_forward"]
+    assert [launch.meta["HAS_FIRST_NORM"] for launch, _ in figures] == [False]
+    for launch, figure in figures:
+        assert figure.registers > 0 and not figure.spills, (figure.name, figure.spill_store_bytes)

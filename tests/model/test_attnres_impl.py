@@ -63,8 +63,11 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
     model = _model(residual="block_attnres", attnres_block_size=4)
     calls = []
 
-    def counting_phase1(sources_TD, rstd_T, queries_D, key_weights_D, source_grads=None):
+    first_norms = []
+
+    def counting_phase1(sources_TD, rstd_T, queries_D, key_weights_D, source_grads=None, first_norm=None):
         calls.append((len(sources_TD), len(queries_D)))
+        first_norms.append(first_norm is not None)
         return block_phase1_torch(sources_TD, rstd_T, queries_D, key_weights_D)
 
     merges = []
@@ -86,6 +89,8 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
     _run(model, "fused")
     # (completed sources, queries): block 0 over the embedding, block 1 over b_0, b_1, the output mix over all.
     assert calls == [(1, 4), (2, 4), (3, 1)]
+    # Phase 1 is asked to apply the norm of the mix it runs for exactly where nothing is merged into that mix.
+    assert first_norms == [True, True, True]
     # Every mix applies its following RMSNorm inside phase 2; the first of each block has no partial sum.
     assert merges == [(False, True), (True, True), (True, True), (True, True)] * 2 + [(False, True)]
     # Each block's summary is formed once, by its close (the partial sums by the merges on the way).
@@ -95,17 +100,21 @@ def test_fused_scores_completed_blocks_once_per_block(monkeypatch):
     want = _run(model, "torch")
     model.residual.register_queries(model.attnres_queries(layer_indices=[0, 3]))
     calls.clear()
+    first_norms.clear()
     _assert_same(_run(model, "fused"), want)
     # Registered: layers 0 and 3 (sublayers 0, 1, 6, 7) and the output mix (8).
     assert calls == [(1, 2), (1, 1), (1, 1), (2, 3), (2, 1), (3, 1)]
+    assert first_norms == [True, False, False, True, False, True]
 
     # Parameters valid only inside their own module's call (ZeRO-3): one query per phase 1, norms not folded in.
     model.residual.register_queries(model.attnres_queries())
     model.residual.per_module_parameters = True
     calls.clear()
     merges.clear()
+    first_norms.clear()
     _assert_same(_run(model, "fused"), want)
     assert calls == [(1, 1)] * 4 + [(2, 1)] * 4 + [(3, 1)]
+    assert not any(first_norms)
     assert merges == [(True, False)] * 3 + [(True, False)] * 3  # only the mixes with a partial sum merge
 
 
@@ -208,7 +217,7 @@ def test_pipeline_layers_that_end_their_stream_batch_only_their_own_queries(monk
     model = _model(residual="block_attnres", attnres_block_size=4)
     calls = []
 
-    def counting_phase1(sources_TD, rstd_T, queries_D, key_weights_D, source_grads=None):
+    def counting_phase1(sources_TD, rstd_T, queries_D, key_weights_D, source_grads=None, first_norm=None):
         calls.append((len(sources_TD), len(queries_D)))
         return block_phase1_torch(sources_TD, rstd_T, queries_D, key_weights_D)
 
