@@ -62,8 +62,8 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     if layer_files:
         from attnres_train.parallel.pipeline import model_key
 
-        return {model_key(index, key, num_layers): value
-                for index, path in layer_files for key, value in read_checkpoint_file(path, mmap=True).items()}
+        return _with_all_experts(tag_dir, {model_key(index, key, num_layers): value for index, path in layer_files
+                                           for key, value in read_checkpoint_file(path, mmap=True).items()})
     zero3_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     if zero3_files:
         return zero3_module_state(tag_dir, read_checkpoint_file(zero3_files[0], mmap=True))
@@ -71,10 +71,16 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     module = read_checkpoint_file(path, mmap=True).get("module")
     if not module:
         raise CheckpointError(f"{path}: holds no module weights")
+    return _with_all_experts(tag_dir, dict(module))
+
+
+def _with_all_experts(tag_dir: Path, state: dict) -> dict:
+    """Expert parallelism: rank 0's module (each stage's, under pipelining) holds only its expert slice; the
+    expert shard files hold them all."""
     from attnres_train.parallel.expert_parallel import merge_expert_shards
 
-    try:  # expert parallelism: rank 0's module holds only its expert slice; the shards hold them all
-        return merge_expert_shards(tag_dir, dict(module), lambda shard: read_checkpoint_file(shard, mmap=True))
+    try:
+        return merge_expert_shards(tag_dir, state, lambda shard: read_checkpoint_file(shard, mmap=True))
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from exc
 
