@@ -53,8 +53,9 @@ def exported_state(tag_dir: Path) -> tuple[dict, dict]:
 
 def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     """Every parameter and buffer a checkpoint's module files hold, at the precision the module kept them, under
-    the plain model's names: a pipeline's ``layer_XX-model_states.pt`` files, else ``mp_rank_00``'s module.
-    The files are memory-mapped: tensors are read when touched."""
+    the plain model's names: a pipeline's ``layer_XX-model_states.pt`` files, or (a pipeline with expert
+    parallelism, which DeepSpeed saves as an MoE model) every stage's ``mp_rank_{stage}`` module, else
+    ``mp_rank_00``'s module. The files are memory-mapped: tensors are read when touched."""
     tag_dir = Path(tag_dir)
     layer_files = sorted(
         (int(m.group(1)), p) for p in tag_dir.iterdir() if (m := LAYER_FILE.search(p.name)) is not None
@@ -62,8 +63,17 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     if layer_files:
         from attnres_train.parallel.pipeline import model_key
 
-        return _with_all_experts(tag_dir, {model_key(index, key, num_layers): value for index, path in layer_files
-                                           for key, value in read_checkpoint_file(path, mmap=True).items()})
+        return {model_key(index, key, num_layers): value
+                for index, path in layer_files for key, value in read_checkpoint_file(path, mmap=True).items()}
+    stage_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if len(stage_files) > 1:
+        from attnres_train.parallel.pipeline import pipeline_state_dict_to_model
+
+        state: dict = {}
+        for path in stage_files:
+            state.update(pipeline_state_dict_to_model(read_checkpoint_file(path, mmap=True).get("module") or {},
+                                                      num_layers))
+        return _with_all_experts(tag_dir, state)
     zero3_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     if zero3_files:
         return zero3_module_state(tag_dir, read_checkpoint_file(zero3_files[0], mmap=True))
