@@ -4,7 +4,8 @@ the one-line refusals of impossible layouts.
 
 Cost on a 2-core machine: every trainer configuration of 2 ranks runs in ONE torchrun launch
 (``_expert_parallel_trainer_worker.py``), started together with the one-process reference; the refusals are
-checked on the validation function, with one launch for the one-line error path. The 4-process EP=2 x DP=2
+checked on the validation function, with one launch for the one-line error path. Pipeline stages with expert
+parallelism (P=2 x EP=2, 4 ranks) run as one more torchrun launch of the same worker. The 4-process EP=2 x DP=2
 comparison is marked ``long`` (``pytest --long``).
 """
 
@@ -76,9 +77,11 @@ def _finish(process: subprocess.Popen, timeout: float = 600.0) -> subprocess.Com
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
-def _ep_args(run_dir: Path, stage: int, experts: int, steps: int, micro_batch: int) -> list[str]:
+def _ep_args(run_dir: Path, stage: int, experts: int, steps: int, micro_batch: int, pipeline_stages: int = 1
+             ) -> list[str]:
     return [*ARGS, f"parallel=zero{stage}", f"parallel.expert_parallel={experts}", f"run_dir={run_dir}",
-            f"train.max_steps={steps}", f"train.micro_batch_size={micro_batch}"]
+            f"train.max_steps={steps}", f"train.micro_batch_size={micro_batch}",
+            f"parallel.pipeline_stages={pipeline_stages}"]
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +139,52 @@ def test_planner_all_to_all_bytes_match_the_logged_bytes(runs):
     for record in train_records(runs / "straight"):
         logged = record["expert_all_to_all_bytes_per_step"]
         assert abs(logged - predicted) <= 0.2 * predicted, (record["step"], logged, predicted)
+
+
+def assert_same_pipelined_trajectory(actual: list[dict], expected: list[dict]) -> None:
+    """Under pipelining rank 0 logs the MoE loads of its own stage's layers: the first ones of the model."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for a, e in zip(actual, expected):
+        assert math.isclose(a["loss"], e["loss"], rel_tol=REL_TOL), (a["step"], a["loss"], e["loss"])
+        assert math.isclose(a["grad_norm"], e["grad_norm"], rel_tol=10 * REL_TOL), (a["step"], a, e)
+        local = a["moe"]["max_violation_per_layer"]
+        assert local and local == e["moe"]["max_violation_per_layer"][:len(local)], (a["step"], a, e)
+
+
+def test_pipeline_stages_with_expert_parallelism_match_one_process_and_resume(runs, tmp_path):
+    """P=2 x EP=2 on 4 ranks (one torchrun launch): ``straight`` ZeRO-0 (the trainer's clipping over stages and
+    expert slices) for all steps; ``resumed`` ZeRO-1 for 1 step, again on the same layout to step 2, then P=1 x
+    EP=1 x DP=4 (a layout change, read by name) to the end; ``back`` P=1 x EP=2 x DP=4 for 1 step, then P=2 x
+    EP=2. Every step is the one-process step; export merges the per-stage expert shards into the plain model."""
+    # 4 rows per step as in the reference: micro-batch 2 over DP=2 with two stages, 1 over DP=4 with one.
+    launches = [_ep_args(tmp_path / "straight", 0, 2, STEPS, 2, pipeline_stages=2)]
+    launches += [_ep_args(tmp_path / "resumed", stage, experts, steps, stages, pipeline_stages=stages)
+                 for steps, stage, experts, stages in ((1, 1, 2, 2), (2, 1, 2, 2), (STEPS, 0, 1, 1))]
+    launches += [_ep_args(tmp_path / "back", 0, experts, steps, stages, pipeline_stages=stages)
+                 for steps, experts, stages in ((1, 2, 1), (STEPS, 2, 2))]
+    check_ok(run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=4",
+                  str(HERE / "_expert_parallel_trainer_worker.py"), json.dumps(launches)], cwd=tmp_path, timeout=600))
+    expected = train_records(runs / "single")
+    straight = train_records(tmp_path / "straight")
+    assert_same_pipelined_trajectory(straight, expected)
+    assert all(r["expert_all_to_all_bytes_per_step"] > 0 for r in straight)
+    resumed = train_records(tmp_path / "resumed")
+    assert_same_pipelined_trajectory(resumed[:2], expected[:2])
+    assert_same_trajectory(resumed[2:], expected[2:])  # one stage again: every layer's loads
+    back = train_records(tmp_path / "back")
+    assert_same_trajectory(back[:1], expected[:1])
+    assert_same_pipelined_trajectory(back[1:], expected[1:])
+
+    tag = tmp_path / "straight" / "checkpoints" / complete_checkpoints(tmp_path / "straight")[-1]
+    assert {path.name for path in tag.glob("expert_shard_*")} == {
+        f"expert_shard_{rank:03d}_of_002_stage_{stage:02d}.pt" for rank in range(2) for stage in range(2)}
+    from attnres_train.train.export import exported_state
+
+    pipe_cfg, pipe_state = exported_state(tag)
+    plain_cfg, plain_state = exported_state(runs / "single" / "checkpoints" / complete_checkpoints(runs / "single")[-1])
+    assert pipe_cfg == plain_cfg and pipe_state.keys() == plain_state.keys()
+    for key, value in plain_state.items():
+        torch.testing.assert_close(pipe_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 @pytest.mark.long
