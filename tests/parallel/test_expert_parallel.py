@@ -197,6 +197,24 @@ def test_expert_and_data_parallel_match_one_process(runs, tmp_path):
     assert all(r["expert_all_to_all_bytes_per_step"] > 0 for r in records)
 
 
+def test_per_stage_expert_shards_merge_in_expert_order_and_a_missing_stage_is_named(tmp_path):
+    from attnres_train.parallel.expert_parallel import merge_expert_shards, shard_file_name
+
+    whole = {f"layers.{i}.mlp.w_up": torch.arange(4 * 3, dtype=torch.float32).view(4, 3) + 100 * i for i in range(4)}
+    for stage, layers in enumerate(((0, 1), (2, 3))):
+        for rank in range(2):
+            torch.save({f"layers.{i}.mlp.w_up": whole[f"layers.{i}.mlp.w_up"][2 * rank:2 * rank + 2] for i in layers},
+                       tmp_path / shard_file_name(rank, 2, stage))
+    dense = {"embed_tokens.weight": torch.ones(2)}
+    merged = merge_expert_shards(tmp_path, {**dense, **{name: value[:2] for name, value in whole.items()}}, torch.load)
+    assert merged.keys() == {*dense, *whole}
+    for name, value in whole.items():
+        assert torch.equal(merged[name], value), name
+    (tmp_path / shard_file_name(1, 2, 1)).unlink()
+    with pytest.raises(FileNotFoundError, match="expert shard 1 of 2 is missing for some of the 2 pipeline stages"):
+        merge_expert_shards(tmp_path, dense, torch.load)
+
+
 def _configs(*overrides: str):
     from attnres_train.model import ModelConfig
     from attnres_train.train.config import ParallelConfig
