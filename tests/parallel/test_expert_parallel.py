@@ -44,12 +44,18 @@ STEPS = 3
 REL_TOL = 1e-5
 
 
-def assert_same_trajectory(actual: list[dict], expected: list[dict]) -> None:
+def assert_same_trajectory(actual: list[dict], expected: list[dict], first_stage_only: bool = False) -> None:
+    """Losses, gradient norms and MoE loads; ``first_stage_only``: under pipelining rank 0 logs the loads of its
+    own stage's layers, the first ones of the model."""
     assert [r["step"] for r in actual] == [r["step"] for r in expected]
     for a, e in zip(actual, expected):
         assert math.isclose(a["loss"], e["loss"], rel_tol=REL_TOL), (a["step"], a["loss"], e["loss"])
         assert math.isclose(a["grad_norm"], e["grad_norm"], rel_tol=10 * REL_TOL), (a["step"], a, e)
-        assert a["moe"]["max_violation_per_layer"] == e["moe"]["max_violation_per_layer"], (a["step"], a, e)
+        loads, expected_loads = a["moe"]["max_violation_per_layer"], e["moe"]["max_violation_per_layer"]
+        if first_stage_only:
+            assert 0 < len(loads) < len(expected_loads), (a["step"], a, e)
+            expected_loads = expected_loads[:len(loads)]
+        assert loads == expected_loads, (a["step"], a, e)
 
 
 def test_dispatch_gives_the_one_process_losses_gradients_and_loads(tmp_path):
@@ -141,16 +147,6 @@ def test_planner_all_to_all_bytes_match_the_logged_bytes(runs):
         assert abs(logged - predicted) <= 0.2 * predicted, (record["step"], logged, predicted)
 
 
-def assert_same_pipelined_trajectory(actual: list[dict], expected: list[dict]) -> None:
-    """Under pipelining rank 0 logs the MoE loads of its own stage's layers: the first ones of the model."""
-    assert [r["step"] for r in actual] == [r["step"] for r in expected]
-    for a, e in zip(actual, expected):
-        assert math.isclose(a["loss"], e["loss"], rel_tol=REL_TOL), (a["step"], a["loss"], e["loss"])
-        assert math.isclose(a["grad_norm"], e["grad_norm"], rel_tol=10 * REL_TOL), (a["step"], a, e)
-        local = a["moe"]["max_violation_per_layer"]
-        assert local and local == e["moe"]["max_violation_per_layer"][:len(local)], (a["step"], a, e)
-
-
 def test_pipeline_stages_with_expert_parallelism_match_one_process_and_resume(runs, tmp_path):
     """P=2 x EP=2 on 4 ranks (one torchrun launch): ``straight`` ZeRO-0 (the trainer's clipping over stages and
     expert slices) for all steps; ``resumed`` ZeRO-1 for 1 step, again on the same layout to step 2, then P=1 x
@@ -162,18 +158,23 @@ def test_pipeline_stages_with_expert_parallelism_match_one_process_and_resume(ru
                  for steps, stage, experts, stages in ((1, 1, 2, 2), (2, 1, 2, 2), (STEPS, 0, 1, 1))]
     launches += [_ep_args(tmp_path / "back", 0, experts, steps, stages, pipeline_stages=stages)
                  for steps, experts, stages in ((1, 2, 1), (STEPS, 2, 2))]
-    check_ok(run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=4",
-                  str(HERE / "_expert_parallel_trainer_worker.py"), json.dumps(launches)], cwd=tmp_path, timeout=600))
+    result = check_ok(run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=4",
+                           str(HERE / "_expert_parallel_trainer_worker.py"), json.dumps(launches)], cwd=tmp_path,
+                          timeout=600))
+    output = result.stdout + result.stderr
+    assert f"{tmp_path / 'resumed'}/checkpoints/step_00000001 was saved under another" not in output  # same layout
+    for change in ("parallel.expert_parallel: 2 -> 1", "parallel.pipeline_stages: 1 -> 2"):
+        assert change in output, describe(result)
     expected = train_records(runs / "single")
     straight = train_records(tmp_path / "straight")
-    assert_same_pipelined_trajectory(straight, expected)
+    assert_same_trajectory(straight, expected, first_stage_only=True)
     assert all(r["expert_all_to_all_bytes_per_step"] > 0 for r in straight)
     resumed = train_records(tmp_path / "resumed")
-    assert_same_pipelined_trajectory(resumed[:2], expected[:2])
+    assert_same_trajectory(resumed[:2], expected[:2], first_stage_only=True)
     assert_same_trajectory(resumed[2:], expected[2:])  # one stage again: every layer's loads
     back = train_records(tmp_path / "back")
     assert_same_trajectory(back[:1], expected[:1])
-    assert_same_pipelined_trajectory(back[1:], expected[1:])
+    assert_same_trajectory(back[1:], expected[1:], first_stage_only=True)
 
     tag = tmp_path / "straight" / "checkpoints" / complete_checkpoints(tmp_path / "straight")[-1]
     assert {path.name for path in tag.glob("expert_shard_*")} == {
