@@ -6,7 +6,7 @@ Cost on a 2-core machine: every trainer configuration of 2 ranks runs in ONE tor
 (``_expert_parallel_trainer_worker.py``), started together with the one-process reference; the refusals are
 checked on the validation function, with one launch for the one-line error path. Pipeline stages with expert
 parallelism (P=2 x EP=2, 4 ranks) run as one more torchrun launch of the same worker. The 4-process EP=2 x DP=2
-comparison is marked ``long`` (``pytest --long``).
+comparison and the P x EP resumes on another layout are marked ``long`` (``pytest --long``).
 """
 
 from __future__ import annotations
@@ -147,34 +147,31 @@ def test_planner_all_to_all_bytes_match_the_logged_bytes(runs):
         assert abs(logged - predicted) <= 0.2 * predicted, (record["step"], logged, predicted)
 
 
+def _run_four_ranks(launches: list[list[str]], cwd: Path) -> str:
+    result = check_ok(run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=4",
+                           str(HERE / "_expert_parallel_trainer_worker.py"), json.dumps(launches)], cwd=cwd,
+                          timeout=600))
+    return result.stdout + result.stderr
+
+
+def _pipelined_ep_args(run_dir: Path, stage: int, experts: int, steps: int, pipeline_stages: int) -> list[str]:
+    # 4 rows per step as in the reference: micro-batch 2 over DP=2 with two stages, 1 over DP=4 with one.
+    return _ep_args(run_dir, stage, experts, steps, pipeline_stages, pipeline_stages=pipeline_stages)
+
+
 def test_pipeline_stages_with_expert_parallelism_match_one_process_and_resume(runs, tmp_path):
     """P=2 x EP=2 on 4 ranks (one torchrun launch): ``straight`` ZeRO-0 (the trainer's clipping over stages and
-    expert slices) for all steps; ``resumed`` ZeRO-1 for 1 step, again on the same layout to step 2, then P=1 x
-    EP=1 x DP=4 (a layout change, read by name) to the end; ``back`` P=1 x EP=2 x DP=4 for 1 step, then P=2 x
-    EP=2. Every step is the one-process step; export merges the per-stage expert shards into the plain model."""
-    # 4 rows per step as in the reference: micro-batch 2 over DP=2 with two stages, 1 over DP=4 with one.
-    launches = [_ep_args(tmp_path / "straight", 0, 2, STEPS, 2, pipeline_stages=2)]
-    launches += [_ep_args(tmp_path / "resumed", stage, experts, steps, stages, pipeline_stages=stages)
-                 for steps, stage, experts, stages in ((1, 1, 2, 2), (2, 1, 2, 2), (STEPS, 0, 1, 1))]
-    launches += [_ep_args(tmp_path / "back", 0, experts, steps, stages, pipeline_stages=stages)
-                 for steps, experts, stages in ((1, 2, 1), (STEPS, 2, 2))]
-    result = check_ok(run([str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node=4",
-                           str(HERE / "_expert_parallel_trainer_worker.py"), json.dumps(launches)], cwd=tmp_path,
-                          timeout=600))
-    output = result.stdout + result.stderr
-    assert f"{tmp_path / 'resumed'}/checkpoints/step_00000001 was saved under another" not in output  # same layout
-    for change in ("parallel.expert_parallel: 2 -> 1", "parallel.pipeline_stages: 1 -> 2"):
-        assert change in output, describe(result)
+    expert slices) for all steps; ``resumed`` ZeRO-1 for 1 step, then again on the same layout to the end. Every
+    step is the one-process step; export merges the per-stage expert shards into the plain model."""
+    output = _run_four_ranks([_pipelined_ep_args(tmp_path / "straight", 0, 2, STEPS, 2),
+                              _pipelined_ep_args(tmp_path / "resumed", 1, 2, 1, 2),
+                              _pipelined_ep_args(tmp_path / "resumed", 1, 2, STEPS, 2)], tmp_path)
+    assert "resumed_from=step_00000001" in output and "saved under another parallel layout" not in output
     expected = train_records(runs / "single")
     straight = train_records(tmp_path / "straight")
     assert_same_trajectory(straight, expected, first_stage_only=True)
     assert all(r["expert_all_to_all_bytes_per_step"] > 0 for r in straight)
-    resumed = train_records(tmp_path / "resumed")
-    assert_same_trajectory(resumed[:2], expected[:2], first_stage_only=True)
-    assert_same_trajectory(resumed[2:], expected[2:])  # one stage again: every layer's loads
-    back = train_records(tmp_path / "back")
-    assert_same_trajectory(back[:1], expected[:1])
-    assert_same_trajectory(back[1:], expected[1:], first_stage_only=True)
+    assert_same_trajectory(train_records(tmp_path / "resumed"), expected, first_stage_only=True)
 
     tag = tmp_path / "straight" / "checkpoints" / complete_checkpoints(tmp_path / "straight")[-1]
     assert {path.name for path in tag.glob("expert_shard_*")} == {
@@ -186,6 +183,25 @@ def test_pipeline_stages_with_expert_parallelism_match_one_process_and_resume(ru
     assert pipe_cfg == plain_cfg and pipe_state.keys() == plain_state.keys()
     for key, value in plain_state.items():
         torch.testing.assert_close(pipe_state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.long
+def test_pipeline_stages_with_expert_parallelism_resume_on_another_layout(runs, tmp_path):
+    """``one_stage``: P=2 x EP=2 (ZeRO-1) for 2 steps, then P=1 x EP=1 x DP=4 (ZeRO-0, read by name) to the end;
+    ``two_stages``: P=1 x EP=2 x DP=4 (ZeRO-0) for 1 step, then P=2 x EP=2. Every step is the one-process step."""
+    output = _run_four_ranks([_pipelined_ep_args(tmp_path / "one_stage", 1, 2, 2, 2),
+                              _pipelined_ep_args(tmp_path / "one_stage", 0, 1, STEPS, 1),
+                              _pipelined_ep_args(tmp_path / "two_stages", 0, 2, 1, 1),
+                              _pipelined_ep_args(tmp_path / "two_stages", 0, 2, STEPS, 2)], tmp_path)
+    for change in ("parallel.expert_parallel: 2 -> 1", "parallel.pipeline_stages: 1 -> 2"):
+        assert change in output, output[-4000:]
+    expected = train_records(runs / "single")
+    one_stage = train_records(tmp_path / "one_stage")
+    assert_same_trajectory(one_stage[:2], expected[:2], first_stage_only=True)
+    assert_same_trajectory(one_stage[2:], expected[2:])  # one stage again: every layer's loads
+    two_stages = train_records(tmp_path / "two_stages")
+    assert_same_trajectory(two_stages[:1], expected[:1])
+    assert_same_trajectory(two_stages[1:], expected[1:], first_stage_only=True)
 
 
 @pytest.mark.long
