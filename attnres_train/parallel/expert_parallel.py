@@ -22,10 +22,15 @@ The dispatch (per MoE call, R pairs on this rank already sorted by global expert
 Both row all-to-alls are an autograd Function whose backward is the reverse all-to-all, so gradients of the
 inputs return to the ranks that sent them and expert weight gradients collect every rank's pairs.
 
-Checkpoints: DeepSpeed writes rank 0's module only, so each expert slice is also saved by the first replica of
-the slice (expert-data-parallel rank 0) in ``expert_shard_{ep_rank:03d}_of_{E:03d}.pt`` ({plain parameter name:
-slice}); :func:`merge_expert_shards` rebuilds the whole stacked tensors for export and for a resume on another
-expert-parallel degree.
+With pipeline stages (P x EP x DP) every stage forms its own expert groups over its data-parallel replicas
+(DeepSpeed's pipe x data topology numbers ranks ``stage * DP + dp_rank``, so a stage's ranks are consecutive and
+E divides DP): the all-to-all of a stage's MoE layers never leaves the stage.
+
+Checkpoints: DeepSpeed writes rank 0's module only (under pipelining, each stage's data-parallel rank 0's layers),
+so each expert slice is also saved by the first replica of the slice (expert-data-parallel rank 0) in
+``expert_shard_{ep_rank:03d}_of_{E:03d}.pt``, or per stage ``expert_shard_{ep_rank:03d}_of_{E:03d}_stage_{s:02d}.pt``
+({plain parameter name: slice}); :func:`merge_expert_shards` rebuilds the whole stacked tensors for export and
+for a resume on another expert-parallel degree.
 
 Shape legend: R routed pairs on this rank, D hidden, E expert-parallel ranks, L experts per rank.
 """
@@ -41,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 EXPERT_WEIGHT_NAMES = ("w_gate", "w_up", "w_down")
-_SHARD_FILE = re.compile(r"^expert_shard_(\d+)_of_(\d+)\.pt$")
+_SHARD_FILE = re.compile(r"^expert_shard_(\d+)_of_(\d+)(?:_stage_(\d+))?\.pt$")
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -49,8 +54,10 @@ def expert_group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
-def shard_file_name(ep_rank: int, ep_size: int) -> str:
-    return f"expert_shard_{ep_rank:03d}_of_{ep_size:03d}.pt"
+def shard_file_name(ep_rank: int, ep_size: int, stage: Optional[int] = None) -> str:
+    """The file of one expert slice; ``stage``: the pipeline stage whose layers it holds (None without stages)."""
+    suffix = "" if stage is None else f"_stage_{stage:02d}"
+    return f"expert_shard_{ep_rank:03d}_of_{ep_size:03d}{suffix}.pt"
 
 
 class _AllToAll(torch.autograd.Function):
@@ -160,14 +167,15 @@ def is_expert_parameter(param: nn.Parameter) -> bool:
     return getattr(param, "allreduce", True) is False
 
 
-def create_expert_groups(ep_size: int):
-    """DeepSpeed's expert-parallel and expert-data-parallel groups of degree ``ep_size`` (idempotent); returns
-    ``(expert-parallel group, this rank's place in it)``."""
+def create_expert_groups(ep_size: int, pipeline_stages: int = 1):
+    """DeepSpeed's expert-parallel and expert-data-parallel groups of degree ``ep_size`` (idempotent), inside
+    each of ``pipeline_stages`` blocks of consecutive ranks; returns ``(expert-parallel group, this rank's place
+    in it)``."""
     from deepspeed.utils import groups
 
     name = expert_group_name(ep_size)
     if name not in groups._get_expert_parallel_group_dict():
-        groups._create_expert_and_data_parallel(ep_size)
+        groups._create_expert_and_data_parallel(ep_size, pp_size=pipeline_stages)
     return groups._get_expert_parallel_group(name), groups._get_expert_parallel_rank(name)
 
 
@@ -177,13 +185,13 @@ def expert_data_parallel_rank(ep_size: int) -> int:
     return groups._get_expert_data_parallel_rank(expert_group_name(ep_size))
 
 
-def deepspeed_moe_marker(num_experts: int, ep_size: int) -> nn.Module:
+def deepspeed_moe_marker(num_experts: int, ep_size: int, pipeline_stages: int = 1) -> nn.Module:
     """A parameterless module whose presence makes DeepSpeed treat the model as an MoE model: its engine then
     reduces ``allreduce = False`` parameters over their expert-data-parallel group, its ZeRO-1/2 optimizer
     partitions ``moe`` parameter groups over that group and averages expert gradient norms correctly, and it
     saves the optimizer state of every expert-parallel rank. DeepSpeed only recognises its own ``MoE`` class;
     this subclass carries the attributes DeepSpeed reads and none of its layers (it holds no experts of its own:
-    the expert slices are saved by the trainer, see :func:`save_expert_shard`)."""
+    the expert slices are saved by the trainer, see :func:`expert_shard_state`)."""
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     class ExpertParallelMarker(DeepSpeedMoE):
@@ -195,7 +203,7 @@ def deepspeed_moe_marker(num_experts: int, ep_size: int) -> nn.Module:
             self.num_local_experts = 0  # nothing for DeepSpeed's per-expert checkpoint files
 
         def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-            create_expert_groups(ep_size)
+            create_expert_groups(ep_size, pipeline_stages)
 
         def forward(self, *args, **kwargs):
             raise RuntimeError("ExpertParallelMarker only tags the model for DeepSpeed; it is never called")
@@ -212,19 +220,15 @@ def expert_shard_state(module: nn.Module, to_model_name: Callable[[str], str]) -
             for name, param in module.named_parameters() if name in names}
 
 
-def save_expert_shard(tag_dir: Path, module: nn.Module, ep_size: int, ep_rank: int,
-                      to_model_name: Callable[[str], str], write: Callable[[Path, dict], None]) -> None:
-    write(Path(tag_dir) / shard_file_name(ep_rank, ep_size), expert_shard_state(module, to_model_name))
-
-
-def shard_files(tag_dir: Path) -> dict[int, Path]:
-    """``{ep_rank: path}`` of a checkpoint's expert shards (empty for a run without expert parallelism)."""
-    found: dict[int, Path] = {}
+def shard_files(tag_dir: Path) -> dict[int, list[Path]]:
+    """``{ep_rank: paths}`` of a checkpoint's expert shards, one path per pipeline stage in stage order (empty for
+    a run without expert parallelism)."""
+    found: dict[int, list[tuple[int, Path]]] = {}
     for path in Path(tag_dir).iterdir():
         match = _SHARD_FILE.match(path.name)
         if match:
-            found[int(match.group(1))] = path
-    return found
+            found.setdefault(int(match.group(1)), []).append((int(match.group(3) or 0), path))
+    return {rank: [path for _, path in sorted(paths)] for rank, paths in found.items()}
 
 
 def merge_expert_shards(tag_dir: Path, state: dict, read: Callable[[Path], dict]) -> dict:
@@ -234,19 +238,24 @@ def merge_expert_shards(tag_dir: Path, state: dict, read: Callable[[Path], dict]
     if not files:
         return state
     slices: dict[str, list[torch.Tensor]] = {}
+    stages = max(len(paths) for paths in files.values())
     for ep_rank in range(len(files)):
-        if ep_rank not in files:
-            raise FileNotFoundError(f"{tag_dir}: expert shard {ep_rank} of {len(files)} is missing")
-        for name, value in read(files[ep_rank]).items():
-            slices.setdefault(name, []).append(value)
+        if len(files.get(ep_rank, ())) != stages:
+            raise FileNotFoundError(f"{tag_dir}: expert shard {ep_rank} of {len(files)} is missing"
+                                    + (f" for some of the {stages} pipeline stages" if stages > 1 else ""))
+        for path in files[ep_rank]:
+            for name, value in read(path).items():
+                slices.setdefault(name, []).append(value)
     return {**state, **{name: torch.cat(parts, dim=0) for name, parts in slices.items()}}
 
 
 def load_expert_shard(tag_dir: Path, module: nn.Module, ep_size: int, ep_rank: int,
-                      to_model_name: Callable[[str], str], read: Callable[[Path], dict]) -> None:
-    """Copy this rank's slice of every expert weight from a checkpoint saved under ``ep_size`` (DeepSpeed loads
-    rank 0's slice into every rank's module)."""
-    saved = read(Path(tag_dir) / shard_file_name(ep_rank, ep_size))
+                      to_model_name: Callable[[str], str], read: Callable[[Path], dict],
+                      stage: Optional[int] = None) -> None:
+    """Copy this rank's slice of every expert weight of ``module`` (a pipeline ``stage``'s module under
+    pipelining) from a checkpoint saved under the same layout (DeepSpeed loads rank 0's slice into every rank's
+    module)."""
+    saved = read(Path(tag_dir) / shard_file_name(ep_rank, ep_size, stage))
     names = expert_parameter_names(module)
     with torch.no_grad():
         for name, param in module.named_parameters():

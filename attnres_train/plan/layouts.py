@@ -137,7 +137,7 @@ def enumerate_layouts(facts: ModelFacts, cluster: Cluster, global_batch: int,
         DP = gpus // P
         for EP in divisors(DP):
             if EP > 1 and (not is_moe or cfg.num_experts % EP or P > 1):
-                continue  # the trainer does not run expert parallelism with pipeline stages yet
+                continue  # P x EP: the trainer runs it, its placement and memory are not modelled here yet
             for zero in (0, 1, 2, 3):
                 if (P > 1 and zero > 1) or (EP > 1 and zero == 3) or (EP > 1 and zero == 0 and precision == "bf16"):
                     continue

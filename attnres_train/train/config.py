@@ -66,7 +66,7 @@ class ParallelConfig:
     pipeline_boundaries: Optional[List[int]] = None  # decoder layers before each stage after the first (default: partitioner)
     pipeline_partition_tolerance: float = 0.05  # slack on the slowest stage the partitioner may spend to cut on AttnRes blocks
     # >1: shard each MoE layer's routed experts over this many data-parallel ranks (all-to-all token dispatch);
-    # must divide model.num_experts and the data-parallel degree; ZeRO stage 0-2
+    # must divide model.num_experts and the data-parallel degree (per pipeline stage); ZeRO stage 0-2
     expert_parallel: int = 1
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
     deepspeed_overrides: Dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed config keys, merged last
@@ -130,11 +130,6 @@ def validate_parallel(parallel: ParallelConfig) -> None:
         raise RunConfigError(
             f"parallel.expert_parallel={parallel.expert_parallel} with parallel.zero_stage=3: DeepSpeed supports "
             "expert parallelism with ZeRO stage 0, 1 or 2 only")
-    if parallel.expert_parallel > 1 and parallel.pipeline_stages > 1:
-        raise RunConfigError(
-            f"parallel.expert_parallel={parallel.expert_parallel} with parallel.pipeline_stages="
-            f"{parallel.pipeline_stages}: expert parallelism is not supported with pipeline stages yet; use one of "
-            "the two")
     if parallel.pipeline_partition_tolerance < 0:
         raise RunConfigError(
             f"parallel.pipeline_partition_tolerance={parallel.pipeline_partition_tolerance}: expected a float >= 0"

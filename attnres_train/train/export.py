@@ -53,8 +53,9 @@ def exported_state(tag_dir: Path) -> tuple[dict, dict]:
 
 def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     """Every parameter and buffer a checkpoint's module files hold, at the precision the module kept them, under
-    the plain model's names: a pipeline's ``layer_XX-model_states.pt`` files, else ``mp_rank_00``'s module.
-    The files are memory-mapped: tensors are read when touched."""
+    the plain model's names: a pipeline's ``layer_XX-model_states.pt`` files, or (a pipeline with expert
+    parallelism, which DeepSpeed saves as an MoE model) every stage's ``mp_rank_{stage}`` module, else
+    ``mp_rank_00``'s module. The files are memory-mapped: tensors are read when touched."""
     tag_dir = Path(tag_dir)
     layer_files = sorted(
         (int(m.group(1)), p) for p in tag_dir.iterdir() if (m := LAYER_FILE.search(p.name)) is not None
@@ -64,6 +65,15 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
 
         return {model_key(index, key, num_layers): value
                 for index, path in layer_files for key, value in read_checkpoint_file(path, mmap=True).items()}
+    stage_files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if len(stage_files) > 1:
+        from attnres_train.parallel.pipeline import pipeline_state_dict_to_model
+
+        state: dict = {}
+        for path in stage_files:
+            state.update(pipeline_state_dict_to_model(read_checkpoint_file(path, mmap=True).get("module") or {},
+                                                      num_layers))
+        return _with_all_experts(tag_dir, state)
     zero3_files = sorted(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))
     if zero3_files:
         return zero3_module_state(tag_dir, read_checkpoint_file(zero3_files[0], mmap=True))
@@ -71,10 +81,16 @@ def saved_module_state(tag_dir: Path, num_layers: int) -> dict:
     module = read_checkpoint_file(path, mmap=True).get("module")
     if not module:
         raise CheckpointError(f"{path}: holds no module weights")
+    return _with_all_experts(tag_dir, dict(module))
+
+
+def _with_all_experts(tag_dir: Path, state: dict) -> dict:
+    """Expert parallelism: rank 0's module (each stage's, under pipelining) holds only its expert slice; the
+    expert shard files hold them all."""
     from attnres_train.parallel.expert_parallel import merge_expert_shards
 
-    try:  # expert parallelism: rank 0's module holds only its expert slice; the shards hold them all
-        return merge_expert_shards(tag_dir, dict(module), lambda shard: read_checkpoint_file(shard, mmap=True))
+    try:
+        return merge_expert_shards(tag_dir, state, lambda shard: read_checkpoint_file(shard, mmap=True))
     except FileNotFoundError as exc:
         raise CheckpointError(str(exc)) from exc
 

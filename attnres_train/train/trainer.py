@@ -389,6 +389,8 @@ class Trainer:
             from attnres_train.parallel.pipeline import local_moe_layers
 
             moe_layers = local_moe_layers(trained_module)
+        if expert_group is not None:
+            self._tag_expert_parallel(trained_module)
         optimizer = build_optimizer(trained_module, self.optim_cfg)
         guard = NonFiniteStepGuard(optimizer, ctx.all_reduce_sum_, ctx.device)  # before the scheduler wraps step
         lr_scheduler = build_lr_scheduler(optimizer, self.optim_cfg, total_steps=run.total_steps)
@@ -551,7 +553,8 @@ class Trainer:
             from attnres_train.parallel.expert_parallel import load_expert_shard
 
             load_expert_shard(checkpoints.root_dir / resume.tag, engine.module, self.parallel_cfg.expert_parallel,
-                              expert_rank, lambda name: name, read_checkpoint_file)
+                              expert_rank, model_names(self.model_cfg.num_layers, self.parallel_cfg.pipeline_stages),
+                              read_checkpoint_file, self._expert_shard_stage(engine))
         train_loader.load_state_dict(client_state["train_loader"])
         rank_state = checkpoints.load_rank_state(resume.tag)
         if rank_state is not None:  # absent when resuming on more ranks than saved
@@ -616,15 +619,25 @@ class Trainer:
             return None, 0, []
         from attnres_train.parallel import expert_parallel
 
-        group, rank = expert_parallel.create_expert_groups(experts)
+        # Under pipelining each stage's data-parallel replicas form their own expert groups.
+        group, rank = expert_parallel.create_expert_groups(experts, self.parallel_cfg.pipeline_stages)
         dispatches = expert_parallel.shard_experts(model, experts, rank, group)
         expert_parallel.mark_expert_parameters(model, experts)
-        model.add_module("expert_parallel_marker",
-                         expert_parallel.deepspeed_moe_marker(self.model_cfg.num_experts, experts))
         return group, rank, dispatches
 
+    def _tag_expert_parallel(self, trained_module) -> None:
+        """DeepSpeed looks for its MoE class in the module it is given (the model, or this rank's stage)."""
+        from attnres_train.parallel import expert_parallel
+
+        trained_module.add_module("expert_parallel_marker", expert_parallel.deepspeed_moe_marker(
+            self.model_cfg.num_experts, self.parallel_cfg.expert_parallel, self.parallel_cfg.pipeline_stages))
+
+    def _expert_shard_stage(self, engine) -> Optional[int]:
+        """The pipeline stage named in this rank's expert shard file (None without pipeline stages)."""
+        return engine.stage_id if self.parallel_cfg.pipeline_stages > 1 else None
+
     def _expert_shard_files(self, engine, expert_rank: int) -> dict:
-        """The expert slice this rank saves (the first replica of each slice saves it)."""
+        """The expert slice this rank saves (the first replica of each slice saves it; one file per stage)."""
         experts = self.parallel_cfg.expert_parallel
         if experts == 1:
             return {}
@@ -632,8 +645,9 @@ class Trainer:
 
         if expert_parallel.expert_data_parallel_rank(experts) != 0:
             return {}
-        return {expert_parallel.shard_file_name(expert_rank, experts):
-                expert_parallel.expert_shard_state(engine.module, lambda name: name)}
+        to_model_name = model_names(self.model_cfg.num_layers, self.parallel_cfg.pipeline_stages)
+        return {expert_parallel.shard_file_name(expert_rank, experts, self._expert_shard_stage(engine)):
+                expert_parallel.expert_shard_state(engine.module, to_model_name)}
 
     def _layout_change_restore(self, saved_stages: int, stages: int, saved_experts: int, expert_rank: int):
         from .reshard import SavedTrainingState, restore_engine

@@ -5,7 +5,9 @@ group, one after another, so the interpreter, DeepSpeed and the rendezvous start
 overrides of ``configs/train.yaml`` exactly as ``attnres-train`` takes them. Each launch composes its config and
 runs ``Trainer(cfg).run()`` as the CLI would. Between launches every rank reseeds its RNGs with a value no launch
 uses, so a resumed launch that failed to restore the checkpoint's RNG state (or anything else it must read from
-the checkpoint) would not be rescued by state left over from the previous launch in this process.
+the checkpoint) would not be rescued by state left over from the previous launch in this process. DeepSpeed's
+process-group registry (the pipeline grid, the expert groups by degree) is module state too: it is emptied
+between launches, as a new process would find it, so a launch with another layout builds its own groups.
 """
 
 from __future__ import annotations
@@ -27,9 +29,19 @@ def main(launches: list[list[str]]) -> None:
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         for number, overrides in enumerate(launches):
             torch.manual_seed(987_654 + number)
+            _forget_deepspeed_groups()
             Trainer(compose(config_name="train", overrides=overrides)).run()
             if torch.distributed.is_initialized():
                 torch.distributed.barrier()
+
+
+def _forget_deepspeed_groups() -> None:
+    from deepspeed.utils import groups
+
+    groups.mpu = None
+    for registry in (groups._EXPERT_PARALLEL_GROUP, groups._EXPERT_PARALLEL_GROUP_RANKS,
+                     groups._EXPERT_DATA_PARALLEL_GROUP, groups._EXPERT_DATA_PARALLEL_GROUP_RANKS):
+        registry.clear()
 
 
 if __name__ == "__main__":
