@@ -101,7 +101,6 @@ def _phase1_forward(table, prm_ptr, logits_ptr, lse_ptr, o_ptr, dprm_ptr, w_ptr,
             mask_d = offs_d < D
             v = tl.load(v_ptr + offs_t[:, None] * D + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :],
                         other=0.0).to(tl.float32)
-            sd_offsets = offs_s[:, None] * D + offs_d[None, :]
             mask_sd = mask_s[:, None] & mask_d[None, :]
             q = (tl.load(query_base[:, None] + offs_d[None, :], mask=mask_sd, other=0.0).to(tl.float32)
                  * tl.load(key_weight_base[:, None] + offs_d[None, :], mask=mask_sd, other=0.0).to(tl.float32))
