@@ -191,7 +191,19 @@ def main() -> None:
         check_run_dir_override(sys.argv[1:])
     register_schema()
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(run)
-    app()
+    try:
+        app()
+    finally:
+        shut_down_process_group()
+
+
+def shut_down_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to static destruction, gloo's worker
+    threads can abort a rank ("terminate called without an active exception") after the run has finished."""
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
