@@ -159,14 +159,14 @@ def rank_plans(facts: ModelFacts, cluster: Cluster, global_batch: int, precision
 
 
 def format_table(plans: list[Plan], rows: Optional[int] = None) -> str:
-    header = ("| # | layout | weights | grads | optim+ws | activations | total GiB | fits | compute s | a2a s | "
+    header = ("| # | layout | weights | grads | optim | workspace | activations | total GiB | fits | compute s | a2a s | "
               "p2p s | grad-reduce s | step s | tokens/s |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for number, plan in enumerate(plans[:rows] if rows else plans, start=1):
         m, t = plan.memory, plan.time
         lines.append(
             f"| {number} | {plan.layout.describe()} | {m.weights / GiB:.1f} | {m.gradients / GiB:.1f} | "
-            f"{(m.optimizer + m.workspace) / GiB:.1f} | {m.activations / GiB:.1f} | {m.total / GiB:.1f} | "
+            f"{m.optimizer / GiB:.1f} | {m.workspace / GiB:.1f} | {m.activations / GiB:.1f} | {m.total / GiB:.1f} | "
             f"{'yes' if plan.fits else 'NO'} | {t.compute:.2f} | {t.all_to_all:.2f} | {t.boundaries:.2f} | "
             f"{t.gradient_reduction:.2f} | {t.total:.2f} | {plan.tokens_per_second:,.0f} |")
     return "\n".join(lines)

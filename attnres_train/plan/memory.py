@@ -10,10 +10,13 @@ experts, whose slice a rank holds is already 1 / EP of them):
     2      e         e / d + 4 / d                (4 + 8) / d
     3      e / d     e / d + 4 / d                (4 + 8) / d  (+ the gathered weights of the largest layer)
 
-plus the step's workspace: torch's multi-tensor AdamW makes two fp32 temporaries of every parameter it steps (8
-bytes per parameter of the rank's optimizer shard), and with d > 1 DeepSpeed's flat communication buffers, e bytes
-per parameter up to its bucket size (5e8 elements) each: the gradient reduction bucket and, under ZeRO-1/2, the
-bucket gathering the updated weight partitions back.
+plus the step's workspace: torch's multi-tensor AdamW (the default on CUDA) makes one fp32 temporary of every
+parameter it steps (the square root of its second moment: 4 bytes per parameter of the rank's optimizer shard;
+the fused AdamW makes none), and DeepSpeed's flat communication buffers, e bytes per parameter up to its bucket
+size (5e8 elements) each: the gradient reduction bucket (flattened even on one rank) and, under ZeRO-1/2 over
+d > 1 ranks, the bucket gathering the updated weight partitions back. The workspace and the activations are not
+held at the same time (backward has freed the activations when gradients are reduced and the optimizer steps),
+so the peak counts the larger of the two.
 
 Activations, in elements per token kept for the backward pass, per component (what autograd saves in this
 repository's implementations; "reference" = the pure-torch paths used on CPU, "kernels" = fla's chunk kernels and
@@ -31,9 +34,12 @@ flash attention on GPU, which recompute their intra-chunk products and chunk sta
 - LM head: input D, logits and log-softmax 2 V_vocab (fp32), and their gradient during backward V_vocab.
 
 With activation checkpointing (every sublayer) a layer keeps its sublayer inputs and AttnRes stacks, and one
-sublayer's full activations exist at a time during recomputation. That estimate is NOT yet validated: CPU runs of
-the small preset peaked 12% (ZeRO-0) to 24% (ZeRO-1) above it. A pipeline stage s of P holds the activations
+sublayer's full activations exist at a time during recomputation. A pipeline stage s of P holds the activations
 of min(P - s, m) micro-batches (1F1B schedule, m micro-batches per step).
+
+The total is a bound, not a simulation of the step: it holds every gradient together with the activations, while
+backward frees activations as gradients appear. CPU runs of the small preset peaked 2% above it (ZeRO-1 with
+activation checkpointing) to 15% below it (``tests/plan/test_planner.py``).
 
 Shape legend: D hidden, H heads, N value heads, K/V key/value head dims, K_all/V_all their totals, C chunk, c
 sub-block, E experts, F expert width, S shared experts, r latent ranks.
@@ -74,7 +80,8 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.workspace + self.activations
+        # The step's workspace exists only while the optimizer steps, after backward has freed the activations.
+        return self.weights + self.gradients + self.optimizer + max(self.workspace, self.activations)
 
 
 def stage_parameters(facts: ModelFacts, stage_layers: list[range]) -> list[tuple[int, int]]:
@@ -111,10 +118,9 @@ def state_bytes(dense: float, expert_local: float, layout: Layout, precision: st
             optimizer = 12 * count / d if bf16 else 8 * count
         else:
             optimizer = 12 * count / d
-        workspace = 8 * stepped
-        if d > 1:
-            buckets = 1 if zero in (0, 3) else 2
-            workspace += buckets * e * min(count, DEEPSPEED_BUCKET_ELEMENTS)
+        workspace = 4 * stepped
+        buckets = 1 if zero in (0, 3) or d == 1 else 2
+        workspace += buckets * e * min(count, DEEPSPEED_BUCKET_ELEMENTS)
         return weights, gradients, optimizer, workspace
 
     dense_states = one(dense, dp)

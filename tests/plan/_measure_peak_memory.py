@@ -10,6 +10,8 @@ Run with ``MALLOC_MMAP_THRESHOLD_`` set low so freed tensors go back to the syst
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import socket
@@ -48,28 +50,40 @@ def main(preset: str, seq_len: int, micro_batch: int, zero_stage: int, checkpoin
     from attnres_train.train.schedule import build_lr_scheduler
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    config = ModelConfig.from_mapping(yaml.safe_load((config_dir() / "model" / f"{preset}.yaml").read_text()))
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=generator)
-    doc_ids = torch.zeros_like(input_ids)
-    labels = input_ids.roll(-1, dims=1)
+
+    def train_steps(config: ModelConfig) -> None:
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=generator)
+        doc_ids = torch.zeros_like(input_ids)
+        labels = input_ids.roll(-1, dims=1)
+        torch.manual_seed(0)
+        model = build_model(config)
+        if checkpointing:
+            apply_activation_checkpointing(model)
+        optim = OptimConfig(warmup_steps=1, schedule="constant")
+        optimizer = build_optimizer(model, optim)
+        scheduler = build_lr_scheduler(optimizer, optim, total_steps=steps)
+        train = TrainConfig(micro_batch_size=micro_batch, precision="fp32", device="cpu")
+        engine = initialize_engine(model, optimizer, scheduler,
+                                   deepspeed_config(train, ParallelConfig(zero_stage=zero_stage), 1.0, "fp32", world))
+        for _ in range(steps):
+            out = engine(input_ids, doc_ids=doc_ids)
+            engine.backward(language_model_loss(out.logits, labels) + out.aux_loss)
+            engine.step()
+
+    def preset_config(name: str) -> ModelConfig:
+        return ModelConfig.from_mapping(yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text()))
+
+    # What the first step of any model costs the process once (modules DeepSpeed and torch import lazily, their
+    # bytecode, oneDNN's generated kernels) differs between machines and is not the model's memory: a tiny
+    # model's steps pay it before the baseline.
+    train_steps(preset_config("tiny"))
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
 
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
     baseline_kib = _status_kib("VmRSS")
-    torch.manual_seed(0)
-    model = build_model(config)
-    if checkpointing:
-        apply_activation_checkpointing(model)
-    optim = OptimConfig(warmup_steps=1, schedule="constant")
-    optimizer = build_optimizer(model, optim)
-    scheduler = build_lr_scheduler(optimizer, optim, total_steps=steps)
-    train = TrainConfig(micro_batch_size=micro_batch, precision="fp32", device="cpu")
-    engine = initialize_engine(model, optimizer, scheduler,
-                               deepspeed_config(train, ParallelConfig(zero_stage=zero_stage), 1.0, "fp32", world))
-    for _ in range(steps):
-        out = engine(input_ids, doc_ids=doc_ids)
-        engine.backward(language_model_loss(out.logits, labels) + out.aux_loss)
-        engine.step()
+    train_steps(preset_config(preset))
     peak_kib = _status_kib("VmHWM")
     rise = torch.tensor([(peak_kib - baseline_kib) * 1024], dtype=torch.float64)
     torch.distributed.all_reduce(rise, op=torch.distributed.ReduceOp.MAX)

@@ -23,14 +23,17 @@ from attnres_train.train.cli import config_dir
 
 HERE = Path(__file__).resolve().parent
 MEMORY_TOLERANCE = 0.15
+# The step-memory estimate is a bound: it may exceed a real run's peak by up to 20% (it holds every gradient and
+# every activation at once, which backward never does) and fall short by at most 5%.
+PEAK_ABOVE, PEAK_BELOW = 0.20, 0.05
 
 
 def preset(name: str) -> ModelConfig:
     return ModelConfig.from_mapping(yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text()))
 
 
-# (seq_len, micro_batch, zero_stage, data-parallel ranks) of the small preset
-LAYOUTS = [(128, 1, 0, 1), (128, 2, 1, 1), (128, 2, 2, 2)]
+# (seq_len, micro_batch, zero_stage, data-parallel ranks, activation checkpointing) of the small preset
+LAYOUTS = [(128, 1, 0, 1, False), (128, 2, 1, 1, False), (128, 2, 2, 2, False), (128, 2, 1, 1, True)]
 
 
 def measure_peak_rises(name: str, layouts) -> list[int]:
@@ -39,11 +42,11 @@ def measure_peak_rises(name: str, layouts) -> list[int]:
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     processes = []
-    for seq_len, micro_batch, zero_stage, ranks in layouts:
+    for seq_len, micro_batch, zero_stage, ranks, checkpointing in layouts:
         launcher = [sys.executable] if ranks == 1 else [str(Path(sys.executable).parent / "torchrun"), "--standalone",
                                                         f"--nproc_per_node={ranks}"]
         processes.append(subprocess.Popen([*launcher, str(HERE / "_measure_peak_memory.py"), name, str(seq_len),
-                                           str(micro_batch), str(zero_stage), "0", "2"], env=env,
+                                           str(micro_batch), str(zero_stage), str(int(checkpointing)), "2"], env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     rises = []
     for process in processes:
@@ -55,17 +58,20 @@ def measure_peak_rises(name: str, layouts) -> list[int]:
 
 @pytest.mark.slow
 def test_memory_model_matches_measured_peak():
-    """One rank, fp32, reference (pure-torch) implementations: weights, gradients, optimizer states, the step's
-    workspace and the activations of one micro-batch against the peak resident memory of two real steps: ZeRO-0
-    and ZeRO-1 on one rank (micro-batches of 1 and 2), ZeRO-2 sharding over 2 data-parallel ranks."""
+    """fp32, reference (pure-torch) implementations: the planner's peak (weights, gradients, optimizer states,
+    and the larger of the step's workspace and one micro-batch's activations) against the peak resident memory of
+    two real steps: ZeRO-0 and ZeRO-1 on one rank (micro-batches of 1 and 2, ZeRO-1 also with activation
+    checkpointing), ZeRO-2 sharding over 2 data-parallel ranks."""
     config = preset("small")
     report = []
-    for (seq_len, micro_batch, zero_stage, ranks), measured in zip(LAYOUTS, measure_peak_rises("small", LAYOUTS)):
-        layout = Layout(1, 1, ranks, zero_stage, micro_batch, False)
+    for (seq_len, micro_batch, zero_stage, ranks, checkpointing), measured in zip(
+            LAYOUTS, measure_peak_rises("small", LAYOUTS)):
+        layout = Layout(1, 1, ranks, zero_stage, micro_batch, checkpointing)
         predicted = estimate_memory(model_facts(config, seq_len), layout, [range(config.num_layers)], "fp32",
                                     kernels=False, micro_batches_per_step=1).total
         report.append((layout.describe(), round(predicted / 2**20), round(measured / 2**20)))
-        assert abs(predicted - measured) <= MEMORY_TOLERANCE * measured, report
+    for (layout, predicted, measured) in report:
+        assert -PEAK_BELOW * measured <= predicted - measured <= PEAK_ABOVE * measured, report
 
 
 def test_activation_model_matches_what_autograd_saves():
