@@ -154,6 +154,9 @@ class MetricsRecording:
             "step_time_s": elapsed / steps,
             "mfu": model_flops_utilization(state.flops_per_token, tokens_per_s, self.peak_flops, self.ctx.world_size),
         }
+        if self.ctx.device.type == "cuda":  # this rank's high-water marks since the run started
+            record["peak_memory_allocated_bytes"] = torch.cuda.max_memory_allocated(self.ctx.device)
+            record["peak_memory_reserved_bytes"] = torch.cuda.max_memory_reserved(self.ctx.device)
         if result.skipped:
             record["skipped_update"] = True
         if state.moe_stats:
