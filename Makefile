@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
+# Two pytest workers: half of a test's time is process start-up and imports, which a second worker overlaps.
+TEST_WORKERS ?= 2
 
 .PHONY: train test install install-test clean-venv
 
@@ -30,7 +32,7 @@ train: $(VENV)/.installed
 	$(BIN)/attnres-train $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
         startup = {name: round(data_startup(path, args.seq_len), 4) for name, path in (("small", small), ("large", large))}
         loader_rows = []
         for seq_len, micro_batch in ((4096, 8), (1024, 8), (args.seq_len, 8)):
-            tokens_per_s = loader_throughput(large, seq_len, micro_batch, seconds=1.0 if args.dry_run else 5.0)
+            tokens_per_s = loader_throughput(large, seq_len, micro_batch, seconds=0.25 if args.dry_run else 5.0)
             loader_rows.append({"seq_len": seq_len, "micro_batch": micro_batch, "tokens_per_s": round(tokens_per_s)})
             print(f"loader seq_len {seq_len} x {micro_batch}: {tokens_per_s / 1e6:.1f}M tokens/s per rank")
         windows = (large_manifest["parts"]["train"]["num_tokens"] - 1) // args.seq_len
