@@ -125,8 +125,9 @@ def evaluate(facts: ModelFacts, layout: Layout, cluster: Cluster, global_batch: 
 def enumerate_layouts(facts: ModelFacts, cluster: Cluster, global_batch: int,
                       micro_batches: Iterable[int] = (1, 2, 4, 8), precision: str = "bf16") -> list[Layout]:
     """Every layout the trainer can run: P stages dividing the GPUs (at most one layer each), EP dividing the
-    data-parallel degree and the expert count, ZeRO 0-3 where DeepSpeed allows it with P and EP, micro-batches
-    dividing the global batch, with and without activation checkpointing."""
+    data-parallel degree and the expert count (with P > 1 too: each stage's replicas form their own expert groups
+    of consecutive ranks, so a stage's all-to-all stays among its ranks), ZeRO 0-3 where DeepSpeed allows it with
+    P and EP, micro-batches dividing the global batch, with and without activation checkpointing."""
     cfg = facts.config
     gpus = cluster.gpus
     is_moe = any(layer.mlp == "moe" for layer in facts.layers)
@@ -136,8 +137,8 @@ def enumerate_layouts(facts: ModelFacts, cluster: Cluster, global_batch: int,
             continue
         DP = gpus // P
         for EP in divisors(DP):
-            if EP > 1 and (not is_moe or cfg.num_experts % EP or P > 1):
-                continue  # P x EP: the trainer runs it, its placement and memory are not modelled here yet
+            if EP > 1 and (not is_moe or cfg.num_experts % EP):
+                continue
             for zero in (0, 1, 2, 3):
                 if (P > 1 and zero > 1) or (EP > 1 and zero == 3) or (EP > 1 and zero == 0 and precision == "bf16"):
                     continue

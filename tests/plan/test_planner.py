@@ -143,6 +143,18 @@ def test_48b_plan_ranks_fitting_layouts_by_speed():
         assert not (layout.expert_parallel > 1 and layout.zero_stage == 3)
         assert not (layout.pipeline_stages > 1 and layout.zero_stage > 1)
         assert config.num_experts % layout.expert_parallel == 0
+    # P x EP is listed, each stage sharding its own experts: ZeRO-1, the one stage DeepSpeed allows with both in bf16.
+    pipelined_ep = [p for p in plans if p.layout.pipeline_stages > 1 and p.layout.expert_parallel > 1]
+    assert pipelined_ep and {p.layout.zero_stage for p in pipelined_ep} == {1}
+    two_stages = evaluate(facts, Layout(2, 8, 32, 1, 1, True), cluster, 1024)
+    one_stage = evaluate(facts, Layout(1, 8, 64, 1, 1, True), cluster, 1024)
+    assert two_stages.memory.weights < 0.6 * one_stage.memory.weights
+    # A replica of two stages runs twice the micro-batches, each through the MoE layers of the fuller stage.
+    from attnres_train.parallel.pipeline import describe_partition
+
+    stages = describe_partition(facts.model, 2, 4096).stage_layers(config.num_layers)
+    moe = [sum(facts.layers[i].mlp == "moe" for i in layers) for layers in stages]
+    assert two_stages.time.all_to_all == pytest.approx(one_stage.time.all_to_all * 2 * max(moe) / sum(moe))
     # Expert parallelism inside a node sends the all-to-all over NVLink, beyond a node over the network.
     base = dict(pipeline_stages=1, data_parallel=64, zero_stage=2, micro_batch=1, activation_checkpointing=True)
     inside = evaluate(facts, Layout(expert_parallel=8, **base), cluster, 1024).time.all_to_all
