@@ -39,7 +39,10 @@ pinned() {  # NAME...: NAME==VERSION as installed here
 }
 
 # Published as source only, pure Python: built here (DeepSpeed's build imports torch, hence no isolation).
+# Building this project writes ./build, removed again unless it was there before.
+[[ -e build ]] && had_build=1 || had_build=0
 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$OUT_DIR" . $(pinned deepspeed antlr4-python3-runtime)
+[[ $had_build == 1 ]] || rm -rf build
 # Published as wheels: fetched for the target Python and platform.
 "$PYTHON" -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version "$TARGET_PYTHON" \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d "$OUT_DIR" \

@@ -133,11 +133,11 @@ def zero3_module_state(tag_dir: Path, model_states: dict) -> dict:
 
 
 def load_exported(path: Path, device: str | torch.device = "cpu"):
-    payload = read_checkpoint_file(path)  # weights-only: the config is plain data
-    payload["state_dict"] = {k: v.to(device) for k, v in payload["state_dict"].items()}
-    model = build_model(with_legacy_fields(payload["model_config"])).to(device)
-    model.load_state_dict(payload["state_dict"], strict=True)
-    return model
+    """The model of a file ``main`` wrote, read (weights only) and checked against its config by the one reader of
+    every exported format, ``attnres_train.interop.pretrained``."""
+    from attnres_train.interop.pretrained import build_pretrained_model, read_model_source
+
+    return build_pretrained_model(read_model_source(path), device)
 
 
 def main(argv=None) -> None:
