@@ -12,9 +12,10 @@ one H100/H200 (Triton and fla autotuning included).
    batch is compared with the checkpoint's on the GPU.
 4. flash-attn: when installed, its MLA/GQA path against SDPA (the gpu-marked tests of tests/model).
 
-Every part runs even when an earlier one failed, and the script exits 1 if any failed. It prints a summary and
-writes ``benchmarks/results/gpu_train_<device>.json``: device, driver, library versions, each part's config and
-figures, and ``mfu`` / ``tokens_per_s`` per training variant.
+Every part runs even when an earlier one failed, and the script exits 1 if any failed. Each launch has its own
+time limit and all of them share ``--budget-s`` (480 s): what cannot start in time fails as not run. After every
+part it rewrites ``benchmarks/results/gpu_train_<device>.json``: device, driver, library versions, each part's
+config and figures, and ``mfu`` / ``tokens_per_s`` per training variant.
 
     python scripts/gpu_check_train.py                                  # on a CUDA machine
     python scripts/gpu_check_train.py --cpu-dry-run --out /tmp/dry.json   # every part at toy size on the CPU
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnres_train.model import ModelConfig, build_model  # noqa: E402
 from attnres_train.model.loss import language_model_loss  # noqa: E402
-from bench_common import environment, write_report  # noqa: E402
+from bench_common import RESULTS_DIR, environment  # noqa: E402
 
 # bf16 keeps 8 significant bits: one rounding is ~0.4% relative, and a forward of a few layers compounds a few
 # of them. Parity bounds, bf16 (GPU) against fp32 (CPU) on the same weights and batch:
@@ -67,6 +68,20 @@ class CheckFailed(Exception):
     pass
 
 
+class Budget:
+    """The script's wall-clock budget: every launch gets at most its own limit and at most what is left, so that a
+    hang in one part still leaves time for the report (a GPU lease ends the command at its own limit)."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def limit(self, seconds: float) -> float:
+        left = self.deadline - time.monotonic()
+        if left < 5:
+            raise CheckFailed("not run: the time budget (--budget-s) is spent")
+        return min(seconds, left)
+
+
 def sizes(dry_run: bool) -> dict:
     """Every size the parts use; the dry run's are toy sizes that exercise the same code."""
     if dry_run:
@@ -74,14 +89,15 @@ def sizes(dry_run: bool) -> dict:
                 "train": {"model": "tiny", "seq_len": 64, "micro_batch": 2, "grad_accum": 2, "steps": 6,
                           "log_every": 2},
                 "resume": {"model": "tiny", "seq_len": 64, "micro_batch": 2, "steps": 6, "stop_after": 3},
-                "timeout_s": 240}
+                "limits_s": {"train": 240, "train_compiled": 240, "resume_launch": 240, "export": 240, "flash": 240}}
     return {"parity_seq_len": 512, "parity_rows": 2,
             # 2 x 2 rows of 4096 tokens per step: the planner puts kimi_linear_1b at ~53 GiB with micro-batches
             # of 2 (73 GiB with 4, too close to an H100's 80)
             "train": {"model": "kimi_linear_1b", "seq_len": 4096, "micro_batch": 2, "grad_accum": 2, "steps": 24,
                       "log_every": 4},
             "resume": {"model": "small", "seq_len": 1024, "micro_batch": 4, "steps": 12, "stop_after": 6},
-            "timeout_s": 420}
+            # per launch; start-up, autotuning and the final checkpoint (~28 GB for the 1B model) included
+            "limits_s": {"train": 180, "train_compiled": 240, "resume_launch": 120, "export": 120, "flash": 120}}
 
 
 def preset(name: str, **overrides) -> ModelConfig:
@@ -216,7 +232,7 @@ def training_figures(run_dir: Path) -> dict:
     return figures
 
 
-def check_training(work: Path, size: dict, dry_run: bool) -> dict:
+def check_training(work: Path, size: dict, dry_run: bool, budget: Budget) -> dict:
     t = size["train"]
     variants = {"eager": ()} if dry_run else {"eager": (), "compiled": ("train.compile=true",)}
     results, failures = {}, []
@@ -225,7 +241,8 @@ def check_training(work: Path, size: dict, dry_run: bool) -> dict:
         start = time.perf_counter()
         try:
             run_to_end(train_command(run_dir, t["model"], t["seq_len"], t["micro_batch"], t["grad_accum"], t["steps"],
-                                     t["log_every"], dry_run, extra), work / f"train_{name}.log", size["timeout_s"])
+                                     t["log_every"], dry_run, extra), work / f"train_{name}.log",
+                       budget.limit(size["limits_s"]["train_compiled" if extra else "train"]))
             figures = training_figures(run_dir)
             figures["passed"] = True
         except CheckFailed as failure:
@@ -276,7 +293,7 @@ def stop_at_step(command: list[str], run_dir: Path, log: Path, step: int, timeou
     return max(r["step"] for r in step_records(run_dir))
 
 
-def check_preemption(work: Path, size: dict, device: torch.device, dry_run: bool) -> dict:
+def check_preemption(work: Path, size: dict, device: torch.device, dry_run: bool, budget: Budget) -> dict:
     r = size["resume"]
     straight, stopped = work / "resume_straight", work / "resume_stopped"
 
@@ -284,19 +301,25 @@ def check_preemption(work: Path, size: dict, device: torch.device, dry_run: bool
         return train_command(run_dir, r["model"], r["seq_len"], r["micro_batch"], 1, r["steps"], 1, dry_run)
 
     # The uninterrupted run and the run to stop share the machine; neither is timed.
+    first_limit = budget.limit(size["limits_s"]["resume_launch"])  # nothing starts once the budget is spent
     reference = subprocess.Popen(command(straight), stdout=(work / "resume_straight.log").open("w"),
                                  stderr=subprocess.STDOUT, env=child_env(), cwd=REPO)
     try:
-        stopped_at = stop_at_step(command(stopped), stopped, work / "resume_stopped.log", r["stop_after"],
-                                  size["timeout_s"])
+        stopped_at = stop_at_step(command(stopped), stopped, work / "resume_stopped.log", r["stop_after"], first_limit)
         checkpoints = sorted((stopped / "checkpoints").glob("step_*"))
         if not checkpoints or checkpoints[-1].name != f"step_{stopped_at:08d}":
             raise CheckFailed(f"SIGTERM at step {stopped_at}: expected checkpoint step_{stopped_at:08d}, found "
                               f"{[c.name for c in checkpoints]}")
-        run_to_end(command(stopped), work / "resume_relaunch.log", size["timeout_s"])
+        run_to_end(command(stopped), work / "resume_relaunch.log", budget.limit(size["limits_s"]["resume_launch"]))
+        code = reference.wait(timeout=budget.limit(size["limits_s"]["resume_launch"]))
+    except subprocess.TimeoutExpired:
+        raise CheckFailed("the uninterrupted run did not finish within its time limit") from None
     finally:
-        if reference.wait(timeout=size["timeout_s"]) != 0:
-            raise CheckFailed(f"the uninterrupted run failed:\n{tail(work / 'resume_straight.log')}")
+        if reference.poll() is None:
+            reference.kill()
+            reference.wait()
+    if code != 0:
+        raise CheckFailed(f"the uninterrupted run failed:\n{tail(work / 'resume_straight.log')}")
     relaunch_log = (work / "resume_relaunch.log").read_text(errors="replace")
     if not re.search(rf"resum\w* .*step_{stopped_at:08d}", relaunch_log, re.IGNORECASE):
         raise CheckFailed(f"the relaunch did not say it resumed from step_{stopped_at:08d}:\n{tail(work / 'resume_relaunch.log')}")
@@ -312,16 +335,17 @@ def check_preemption(work: Path, size: dict, device: torch.device, dry_run: bool
           f"{figures['max_loss_rel_diff']:.2e} (bound {RESUME_LOSS_REL_TOL:.0e})")
     if figures["max_loss_rel_diff"] > RESUME_LOSS_REL_TOL:
         raise CheckFailed("the resumed run's losses left the uninterrupted run's", figures)
-    figures["export"] = check_export(work, sorted((stopped / "checkpoints").glob("step_*"))[-1], device, r)
+    figures["export"] = check_export(work, sorted((stopped / "checkpoints").glob("step_*"))[-1], device, r,
+                                     budget.limit(size["limits_s"]["export"]))
     return figures
 
 
-def check_export(work: Path, checkpoint: Path, device: torch.device, r: dict) -> dict:
+def check_export(work: Path, checkpoint: Path, device: torch.device, r: dict, limit_s: float) -> dict:
     from attnres_train.generate.loading import load_for_generation
 
     exported = work / "exported"
     log = work / "export.log"
-    run_to_end([sys.executable, "-m", "attnres_train.interop.export", str(checkpoint), str(exported)], log, 300)
+    run_to_end([sys.executable, "-m", "attnres_train.interop.export", str(checkpoint), str(exported)], log, limit_s)
     on_cpu = load_for_generation(exported, "cpu").model
     on_device = load_for_generation(checkpoint, device).model.to(torch.bfloat16)
     generator = torch.Generator().manual_seed(2)
@@ -344,7 +368,7 @@ def check_export(work: Path, checkpoint: Path, device: torch.device, r: dict) ->
 # 4. flash-attn
 # --------------------------------------------------------------------------------------------------------------
 
-def check_flash_attention(work: Path, device: torch.device) -> dict:
+def check_flash_attention(work: Path, device: torch.device, limit_s: float, budget: Budget) -> dict:
     from attnres_train.model.mixers import attention_backend
 
     reason = ("no CUDA device" if device.type != "cuda" else
@@ -354,13 +378,20 @@ def check_flash_attention(work: Path, device: torch.device) -> dict:
         return {"skipped": reason}
     log = work / "flash.log"
     run_to_end([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/model/test_attention.py", "-k", "flash"],
-               log, 300)
+               log, budget.limit(limit_s))
     summary = tail(log, 1)
     print(f"  {summary}")
     return {"pytest": summary}
 
 
 # --------------------------------------------------------------------------------------------------------------
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(path)
+
 
 def device_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "cpu"
@@ -381,6 +412,8 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=None, help="where the runs write (default: a temporary directory)")
     parser.add_argument("--parts", default="parity,training,preemption,flash_attention",
                         help="comma-separated subset of the parts to run")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="wall-clock budget of the whole check; parts it cannot start fail as not run (default 480)")
     args = parser.parse_args(argv)
     if not args.cpu_dry_run and not torch.cuda.is_available():
         print("gpu_check_train.py: no CUDA device (use --cpu-dry-run on a CPU machine)", file=sys.stderr)
@@ -392,16 +425,18 @@ def main(argv=None) -> int:
     env = environment(device)
     report = {**env, "driver": driver_version(), "dry_run": args.cpu_dry_run, "train_preset": size["train"]["model"],
               "sizes": size, "parts": {}}
+    budget = Budget(args.budget_s)
     parts = {
         "parity": lambda: check_parity(device, size),
-        "training": lambda: check_training(work, size, args.cpu_dry_run),
-        "preemption": lambda: check_preemption(work, size, device, args.cpu_dry_run),
-        "flash_attention": lambda: check_flash_attention(work, device),
+        "training": lambda: check_training(work, size, args.cpu_dry_run, budget),
+        "preemption": lambda: check_preemption(work, size, device, args.cpu_dry_run, budget),
+        "flash_attention": lambda: check_flash_attention(work, device, size["limits_s"]["flash"], budget),
     }
     wanted = args.parts.split(",")
     unknown = sorted(set(wanted) - set(parts))
     if unknown:
         parser.error(f"--parts: unknown {unknown}; expected a subset of {list(parts)}")
+    out = Path(args.out) if args.out else RESULTS_DIR / f"gpu_train_{device_slug(env['device'])}.json"
     started = time.perf_counter()
     for name in wanted:
         print(f"== {name}")
@@ -417,11 +452,12 @@ def main(argv=None) -> int:
         report["parts"][name] = result
         print(f"== {name}: {'passed' if result['passed'] else 'FAILED: ' + result['error']} "
               f"({result['wall_s']:.0f} s)")
-    report["wall_s"] = time.perf_counter() - started
-    training = report["parts"].get("training", {}).get("variants", {})
-    report["mfu"] = {name: figures.get("mfu") for name, figures in training.items()}
-    report["tokens_per_s"] = {name: figures.get("tokens_per_s") for name, figures in training.items()}
-    write_report(report, args.out, f"gpu_train_{device_slug(env['device'])}.json")
+        report["wall_s"] = time.perf_counter() - started
+        training = report["parts"].get("training", {}).get("variants", {})
+        report["mfu"] = {variant: figures.get("mfu") for variant, figures in training.items()}
+        report["tokens_per_s"] = {variant: figures.get("tokens_per_s") for variant, figures in training.items()}
+        write_json(out, report)  # after every part: a check stopped from outside still leaves what it measured
+    print(f"wrote {out}")
     failed = [name for name, result in report["parts"].items() if not result["passed"]]
     print(f"gpu_check_train.py: {'FAILED parts: ' + ', '.join(failed) if failed else 'all parts passed'} "
           f"in {report['wall_s']:.0f} s")

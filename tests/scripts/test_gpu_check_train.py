@@ -1,6 +1,7 @@
 """``scripts/gpu_check_train.py``: its CPU dry run goes through every part (bf16/fp32 parity, training through the
 CLI, SIGTERM and relaunch, export loaded on the CPU) and writes the JSON the GPU run will; without a GPU and
-without the flag it refuses in one line."""
+without the flag it refuses in one line; a spent time budget fails what it cannot start, and the report is still
+written."""
 
 import json
 import subprocess
@@ -57,3 +58,14 @@ def test_without_a_gpu_it_asks_for_the_dry_run():
     result = run_script(timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip() == "gpu_check_train.py: no CUDA device (use --cpu-dry-run on a CPU machine)"
+
+
+def test_a_spent_time_budget_fails_the_parts_it_cannot_start_and_still_writes_the_report(tmp_path):
+    out = tmp_path / "report.json"
+    result = run_script("--cpu-dry-run", "--budget-s", "1", "--parts", "training,preemption", "--out", str(out),
+                        "--work-dir", str(tmp_path / "work"))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "FAILED parts: training, preemption" in result.stdout
+    parts = json.loads(out.read_text())["parts"]
+    assert parts["training"]["variants"]["eager"]["error"].startswith("not run: the time budget")
+    assert parts["preemption"]["error"].startswith("not run: the time budget")
