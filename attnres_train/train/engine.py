@@ -8,7 +8,6 @@ and a plain process gets single-rank defaults.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,12 +44,6 @@ class DistributedContext:
         return float(t.item()) / self.world_size
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def resolve_device(train: TrainConfig) -> torch.device:
     if train.device == "cuda" and not torch.cuda.is_available():
         raise RunConfigError("train.device='cuda': no CUDA device is visible to this process")
@@ -67,14 +60,9 @@ def resolve_precision(train: TrainConfig, device: torch.device) -> str:
 
 def setup_distributed(parallel: ParallelConfig, train: TrainConfig) -> DistributedContext:
     """Initialise torch.distributed through DeepSpeed (it also selects DeepSpeed's accelerator)."""
-    if "RANK" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            WORLD_SIZE="1",
-            LOCAL_RANK="0",
-            MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"),
-            MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())),
-        )
+    single_process = "RANK" not in os.environ  # no launcher: one rank
+    if single_process:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = resolve_device(train)
     if device.type == "cpu":
         # DeepSpeed would otherwise pick its CUDA accelerator on a GPU box even when the user asked for CPU.
@@ -86,6 +74,11 @@ def setup_distributed(parallel: ParallelConfig, train: TrainConfig) -> Distribut
         torch.cuda.set_device(device)
     import deepspeed
 
+    if single_process and not torch.distributed.is_initialized():
+        # One rank needs no rendezvous. A TCP store would need a free port, and another process on this machine
+        # can take a port between its choice and its use (seen with runs started side by side); DeepSpeed
+        # adopts a process group that already exists.
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistributedContext(
         rank=int(os.environ["RANK"]),

@@ -14,7 +14,6 @@ import ctypes
 import gc
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -31,11 +30,9 @@ def main(preset: str, seq_len: int, micro_batch: int, zero_stage: int, checkpoin
     import yaml
 
     torch.set_num_threads(1)
-    if "RANK" not in os.environ:  # a plain process: one rank; under torchrun: its ranks (data parallel)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "RANK" not in os.environ:  # a plain process: one rank (no port to race for); under torchrun: its ranks
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     os.environ["DS_ACCELERATOR"] = "cpu"
     world = int(os.environ["WORLD_SIZE"])
     import deepspeed
