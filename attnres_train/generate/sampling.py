@@ -58,8 +58,8 @@ def generate(
 
     Returns the new tokens of each row, without the EOS that ended it. ``on_token(row, token)`` is called as each
     token is produced, and once with ``token=None`` when a row ends (EOS or the token limit), so callers can
-    stream; it may return True to end that row after this token (a stop string). Rows that ended keep being fed
-    (their outputs are ignored) until every row has ended.
+    stream; it may return True to end that row after this token (a stop string). A row that ended leaves the batch
+    and its cache (``DecodeCache.reorder``), so the rows still running decode alone.
     """
     if not prompts:
         raise GenerationError("no prompts given")
@@ -78,22 +78,27 @@ def generate(
     logits_BV = model(ids_BL, attention_mask=mask_BL, cache=cache, logits_to_keep=1).logits[:, -1]
 
     outputs: list[list[int]] = [[] for _ in range(B)]
-    running = [True] * B
+    rows = list(range(B))  # the prompt row of each row of the batch still decoding
     for step in range(sampling.max_new_tokens):
         token_B = next_tokens(logits_BV, sampling, generator)
         last_step = step == sampling.max_new_tokens - 1
-        for row, token in enumerate(token_B.tolist()):
-            if not running[row]:
-                continue
-            if token == eos_token_id:
-                running[row] = False
-            else:
+        still_running = []
+        for position, (row, token) in enumerate(zip(rows, token_B.tolist())):
+            running = token != eos_token_id
+            if running:
                 outputs[row].append(token)
                 stop_here = on_token is not None and bool(on_token(row, token))
-                running[row] = not (last_step or stop_here)
-            if not running[row] and on_token is not None:
+                running = not (last_step or stop_here)
+            if running:
+                still_running.append(position)
+            elif on_token is not None:
                 on_token(row, None)
-        if not any(running):
+        if not still_running:
             break
+        if len(still_running) < len(rows):
+            keep = torch.tensor(still_running, device=device)
+            cache.reorder(keep)
+            token_B = token_B.index_select(0, keep)
+            rows = [rows[position] for position in still_running]
         logits_BV = model(token_B[:, None], cache=cache).logits[:, -1]
     return outputs

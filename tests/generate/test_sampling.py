@@ -49,7 +49,8 @@ def test_eos_ends_a_row_and_is_not_returned(model):
 
 
 
-def test_on_token_can_end_one_row_early(model):
+@torch.no_grad()
+def test_on_token_can_end_one_row_early_and_the_row_leaves_the_batch(model):
     prompts = [[4, 9, 2], [7, 7]]
     greedy = [full_forward_greedy(model, p, 5) for p in prompts]
     events = []
@@ -58,10 +59,17 @@ def test_on_token_can_end_one_row_early(model):
         events.append((row, token))
         return row == 1 and sum(1 for r, t in events if r == 1 and t is not None) == 2
 
-    out = generate(model, prompts, SamplingConfig(max_new_tokens=5, temperature=0.0),
-                   on_token=stop_row_one_at_its_second_token)
+    batch_sizes = []
+    hook = model.register_forward_pre_hook(lambda module, args: batch_sizes.append(args[0].shape[0]))
+    try:
+        out = generate(model, prompts, SamplingConfig(max_new_tokens=5, temperature=0.0),
+                       on_token=stop_row_one_at_its_second_token)
+    finally:
+        hook.remove()
     assert out == [greedy[0], greedy[1][:2]]
     assert [t for r, t in events if r == 1] == greedy[1][:2] + [None]
+    # prefill and the first decode step with both rows; once row 1 has ended, row 0 decodes alone
+    assert batch_sizes == [2, 2, 1, 1, 1]
 
 
 @torch.no_grad()
