@@ -8,6 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 # Two pytest workers: half of a test's time is process start-up and imports, which a second worker overlaps.
+# loadscope keeps a module's tests on one worker, so a module-scoped fixture (a reference run) is built once.
 TEST_WORKERS ?= 2
 
 .PHONY: train test install install-test clean-venv
@@ -32,7 +33,7 @@ train: $(VENV)/.installed
 	$(BIN)/attnres-train $(ARGS)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

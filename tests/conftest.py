@@ -33,13 +33,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def deepspeed_single_process():
     """DeepSpeed with a one-process group (CPU: gloo), for tests that drive real engines in this process."""
-    import socket
-
     deepspeed = pytest.importorskip("deepspeed")
     if not torch.distributed.is_initialized():
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        # An in-memory store, as the trainer's own single-process runs use: no port for another worker to take.
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return deepspeed

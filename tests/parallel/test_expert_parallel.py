@@ -27,7 +27,6 @@ from cli_helpers import (  # noqa: E402
     check_ok,
     complete_checkpoints,
     describe,
-    free_port,
     run,
     run_train,
     torchrun_command,
@@ -59,7 +58,7 @@ def assert_same_trajectory(actual: list[dict], expected: list[dict], first_stage
 
 
 def test_dispatch_gives_the_one_process_losses_gradients_and_loads(tmp_path):
-    command = [str(BIN_DIR / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+    command = [str(BIN_DIR / "torchrun"), "--standalone", "--nproc_per_node", "2",
                str(HERE / "_expert_parallel_worker.py"), str(tmp_path)]
     check_ok(run(command, cwd=HERE))
     for rank in range(2):
