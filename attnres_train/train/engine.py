@@ -58,9 +58,23 @@ def resolve_precision(train: TrainConfig, device: torch.device) -> str:
     return train.precision
 
 
+def is_single_process(env) -> bool:
+    """False for a rank started by a launcher (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` all
+    set); True for one process, also when some of these are left in the environment with a world size of 1.
+    Ranks of a larger world without the rendezvous address get one clear error."""
+    variables = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    if all(name in env for name in variables):
+        return False
+    if env.get("WORLD_SIZE", "1") == "1":
+        return True
+    missing = " and ".join(name for name in variables if name not in env)
+    raise RunConfigError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but {missing} not: start the ranks with torchrun or "
+                         "deepspeed, or unset WORLD_SIZE to train in one process")
+
+
 def setup_distributed(parallel: ParallelConfig, train: TrainConfig) -> DistributedContext:
     """Initialise torch.distributed through DeepSpeed (it also selects DeepSpeed's accelerator)."""
-    single_process = "RANK" not in os.environ  # no launcher: one rank
+    single_process = is_single_process(os.environ)
     if single_process:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     device = resolve_device(train)

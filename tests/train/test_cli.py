@@ -161,6 +161,27 @@ def test_bad_input_fails_cleanly_and_leaves_the_run_untouched(case, finished_run
     assert snapshot(run_dir, ignore=hydra_bookkeeping) == before
 
 
+def test_a_world_size_without_a_launcher_is_one_line_and_leaves_the_run_untouched(finished_run, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    before = snapshot(run_dir, ignore=hydra_bookkeeping)
+    result = run_train([*TINY_ARGS, f"run_dir={run_dir}", "train.max_steps=4"], cwd=tmp_path, RANK="1",
+                       WORLD_SIZE="2")
+    assert_clean_failure(result, "WORLD_SIZE=2", "MASTER_ADDR and MASTER_PORT", "torchrun")
+    assert snapshot(run_dir, ignore=hydra_bookkeeping) == before
+
+
+@pytest.mark.parametrize("env,single", [
+    ({}, True),  # no launcher
+    ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, True),  # left over by an in-process group: no address
+    ({"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, False),  # torchrun, one rank
+    ({"RANK": "3", "WORLD_SIZE": "8", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, False),
+])
+def test_one_process_or_a_launchers_rank(env, single):
+    from attnres_train.train.engine import is_single_process
+
+    assert is_single_process(env) is single
+
+
 def test_bad_input_for_a_new_run_dir_writes_no_run_files(tmp_path):
     run_dir = tmp_path / "fresh"
     result = run_train([*TINY_ARGS, f"run_dir={run_dir}", "train.micro_batch_size=0"], cwd=tmp_path)
