@@ -224,21 +224,23 @@ def test_a_changed_peak_lr_on_resume_is_applied_and_logged(four_step_run, tmp_pa
     assert "lr: 0.004" in resolved
 
 
-def test_a_changed_seed_or_data_on_resume_is_refused_listing_the_fields(four_step_run, tmp_path):
-    run_dir = copy_run(four_step_run, tmp_path / "run")
-    before = snapshot(run_dir, ignore=hydra_bookkeeping)
-    result = run_train([*TINY_ARGS, f"run_dir={run_dir}", "train.max_steps=6", "train.seed=7",
-                        "data.seq_len=32"], cwd=tmp_path)
-    assert_one_line_error(result, "train.seed", "data.seq_len")
-    assert snapshot(run_dir, ignore=hydra_bookkeeping) == before
+REFUSED_RESUMES = {
+    # what the checkpoint's data order depends on
+    "changed_seed_and_data": (["train.max_steps=6", "train.seed=7", "data.seq_len=32"],
+                              ["train.seed", "data.seq_len"]),
+    # fewer steps than the checkpoint already took: FINISHED (and its loss) must stay
+    "max_steps_below_the_checkpoint": (["train.max_steps=2", "train.checkpoint_every=2", "optim.schedule=constant"],
+                                       ["train.max_steps=2", "step 4"]),
+}
 
 
-def test_max_steps_below_the_checkpoint_is_refused_and_finished_stays(four_step_run, tmp_path):
+@pytest.mark.parametrize("case", list(REFUSED_RESUMES))
+def test_a_resume_that_cannot_continue_is_refused_naming_why_and_changes_nothing(four_step_run, tmp_path, case):
+    overrides, names = REFUSED_RESUMES[case]
     run_dir = copy_run(four_step_run, tmp_path / "run")
     before = snapshot(run_dir, ignore=hydra_bookkeeping)
-    result = run_train([*TINY_ARGS, f"run_dir={run_dir}", "train.max_steps=2", "train.checkpoint_every=2",
-                        "optim.schedule=constant"], cwd=tmp_path)
-    assert_one_line_error(result, "train.max_steps=2", "step 4")
+    result = run_train([*TINY_ARGS, f"run_dir={run_dir}", *overrides], cwd=tmp_path)
+    assert_one_line_error(result, *names)
     assert snapshot(run_dir, ignore=hydra_bookkeeping) == before
     assert math.isfinite(json.loads((run_dir / "FINISHED").read_text(), parse_constant=float)["loss"])
 
