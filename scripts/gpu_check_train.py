@@ -95,7 +95,9 @@ def sizes(dry_run: bool) -> dict:
             # of 2 (73 GiB with 4, too close to an H100's 80)
             "train": {"model": "kimi_linear_1b", "seq_len": 4096, "micro_batch": 2, "grad_accum": 2, "steps": 24,
                       "log_every": 4},
-            "resume": {"model": "small", "seq_len": 1024, "micro_batch": 4, "steps": 12, "stop_after": 6},
+            # small-model steps take tens of milliseconds on a GPU: 14 steps after the stop point leave SIGTERM
+            # ample time to land before the run would finish on its own
+            "resume": {"model": "small", "seq_len": 1024, "micro_batch": 4, "steps": 20, "stop_after": 6},
             # per launch; start-up, autotuning and the final checkpoint (~28 GB for the 1B model) included
             "limits_s": {"train": 180, "train_compiled": 240, "resume_launch": 120, "export": 120, "flash": 120}}
 
