@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from attnres_train.model.loss import IGNORE_INDEX
 
 
 def token_byte_lengths(tokenizer: Any, vocab_size: int) -> torch.Tensor:

@@ -30,12 +30,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from attnres_train.model import HybridDecoder
 from attnres_train.model.cache import DecodeCache
+from attnres_train.model.loss import IGNORE_INDEX, language_model_loss
 from attnres_train.model.moe import MoE
 
 from .hf_config import AttnResConfig
-
-IGNORE_INDEX = -100
-
 
 def new_columns_mask(attention_mask_BS: Optional[torch.Tensor], cache: DecodeCache, num_new: int):
     """The mask of the ``num_new`` new columns: transformers passes the whole sequence's (``cache.columns +
@@ -121,7 +119,7 @@ class AttnResForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             shifted_BT = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
-            loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), shifted_BT.flatten(), ignore_index=IGNORE_INDEX)
+            loss = language_model_loss(logits_BTV, shifted_BT)
             if logits_to_keep:
                 logits_BTV = logits_BTV[:, -logits_to_keep:]
         return CausalLMOutputWithPast(loss=loss, logits=logits_BTV)
