@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -51,6 +52,13 @@ def environment(device: torch.device) -> dict:
                      "triton": package_version("triton"), "fla": package_version("fla-core"),
                      "flash_attn": package_version("flash-attn"), "deepspeed": package_version("deepspeed")},
     }
+
+
+def one_process_environment() -> dict:
+    """This process's environment without its distributed variables, for a child run that must be one process of
+    its own (a test's in-process group, or a launcher, may have set them here)."""
+    return {key: value for key, value in os.environ.items()
+            if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 def write_report(report: dict, out, default_name: str) -> Path:

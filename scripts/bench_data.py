@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import environment, write_report  # noqa: E402
+from bench_common import environment, one_process_environment, write_report  # noqa: E402
 
 RSS_WRAPPER = (
     "import resource, subprocess, sys, time; start = time.perf_counter(); "
@@ -140,10 +140,8 @@ def one_step_run(work: Path, corpus: Path, name: str, seq_len: int) -> dict:
                "model=tiny", "data=prepared", f"data.path={corpus}", f"data.seq_len={seq_len}", "train.device=cpu",
                "train.max_steps=1", "optim.warmup_steps=0", "train.micro_batch_size=4", "train.val_batches=1", "train.checkpoint_every=0",
                "train.progress_bar=false", f"run_dir={run_dir}"]
-    # A one-process run: none of this process's distributed variables (a test's in-process group sets some).
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    result = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *command], capture_output=True, text=True, env=env)
+    result = subprocess.run([sys.executable, "-c", RSS_WRAPPER, *command], capture_output=True, text=True,
+                            env=one_process_environment())
     line = [l for l in result.stdout.splitlines() if l.startswith("BENCH ")]
     if result.returncode != 0 or not line or line[-1].split()[1] != "0":
         raise SystemExit(f"one-step run on {corpus} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from attnres_train.model import ModelConfig, build_model  # noqa: E402
 from attnres_train.model.loss import language_model_loss  # noqa: E402
-from bench_common import RESULTS_DIR, environment  # noqa: E402
+from bench_common import RESULTS_DIR, environment, one_process_environment  # noqa: E402
 
 # bf16 keeps 8 significant bits: one rounding is ~0.4% relative, and a forward of a few layers compounds a few
 # of them. Parity bounds, bf16 (GPU) against fp32 (CPU) on the same weights and batch:
@@ -177,9 +177,7 @@ def train_command(run_dir: Path, model: str, seq_len: int, micro_batch: int, gra
 
 
 def child_env() -> dict:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = one_process_environment()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
