@@ -35,9 +35,8 @@ def deepspeed_single_process():
     """DeepSpeed with a one-process group (CPU: gloo), for tests that drive real engines in this process."""
     deepspeed = pytest.importorskip("deepspeed")
     if not torch.distributed.is_initialized():
-        # An in-memory store, as the trainer's own single-process runs use: no port for another worker to take.
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        from attnres_train.train.config import ParallelConfig, TrainConfig
+        from attnres_train.train.engine import setup_distributed
+
+        setup_distributed(ParallelConfig(), TrainConfig())  # the trainer's own one-process set-up
     return deepspeed

@@ -90,8 +90,7 @@ def setup_distributed(parallel: ParallelConfig, train: TrainConfig) -> Distribut
 
     if single_process and not torch.distributed.is_initialized():
         # One rank needs no rendezvous. A TCP store would need a free port, and another process on this machine
-        # can take a port between its choice and its use (seen with runs started side by side); DeepSpeed
-        # adopts a process group that already exists.
+        # can take a port between its choice and its use; DeepSpeed adopts a process group that already exists.
         torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistributedContext(

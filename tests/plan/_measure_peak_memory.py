@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,23 +29,17 @@ def main(preset: str, seq_len: int, micro_batch: int, zero_stage: int, checkpoin
     import yaml
 
     torch.set_num_threads(1)
-    if "RANK" not in os.environ:  # a plain process: one rank (no port to race for); under torchrun: its ranks
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
-    os.environ["DS_ACCELERATOR"] = "cpu"
-    world = int(os.environ["WORLD_SIZE"])
-    import deepspeed
-
     from attnres_train.model import ModelConfig, build_model
     from attnres_train.model.loss import language_model_loss
     from attnres_train.train.activation_checkpointing import apply_activation_checkpointing
     from attnres_train.train.cli import config_dir
     from attnres_train.train.config import ParallelConfig, TrainConfig
-    from attnres_train.train.engine import deepspeed_config, initialize_engine
+    from attnres_train.train.engine import deepspeed_config, initialize_engine, setup_distributed
     from attnres_train.train.optim import OptimConfig, build_optimizer
     from attnres_train.train.schedule import build_lr_scheduler
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    # One process (a plain launch) or its ranks under torchrun, set up as the trainer does; fp32 on the CPU.
+    world = setup_distributed(ParallelConfig(), TrainConfig(device="cpu")).world_size
 
     def train_steps(config: ModelConfig) -> None:
         generator = torch.Generator().manual_seed(0)
